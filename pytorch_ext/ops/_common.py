@@ -1,0 +1,65 @@
+"""What every op module shares: argument checks that name the argument, and the trace-time
+backend resolution used under torch.compile.
+
+The op pattern (layer_norm.py is the model; attention.py and linear.py follow it):
+  1. reference implementation (fp32 math) = the "torch" backend and the test oracle;
+  2. validation once, at the public function;
+  3. eager: resolve the backend, call its launcher directly (through one autograd.Function only
+     when a gradient is needed) -- the custom op's ~20-50 us dispatch cost is not paid in eager;
+  4. torch.compile: the same public function calls the torch.library custom op, whose schema, fake
+     implementation and registered autograd make it traceable; the backend is resolved at trace time.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t, arg: str, *, dtypes=FLOAT_DTYPES, min_dim: int | None = None, dim: int | None = None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{arg}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{arg}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
+    if min_dim is not None and t.dim() < min_dim:
+        raise ValueError(f"{arg}: expected at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_like(t, arg: str, ref: torch.Tensor, ref_arg: str, *, shape=None, same_dtype: bool = True):
+    """t must be a tensor on ref's device (and of ref's dtype), of `shape` when given."""
+    check_tensor(t, arg, dtypes=FLOAT_DTYPES if same_dtype else (t.dtype,))
+    if t.device != ref.device:
+        raise ValueError(f"{arg}: expected a tensor on {ref_arg}'s device {ref.device}, got {t.device}")
+    if same_dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{arg}: expected {ref_arg}'s dtype {str(ref.dtype).replace('torch.', '')}, "
+                        f"got {str(t.dtype).replace('torch.', '')} (mixed dtypes are not supported)")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{arg}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take any outer strides but need stride 1 in the last dimension."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def as_rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """(..., cols) -> (rows, cols) with stride(1) == 1; a view whenever the layout allows."""
+    t = last_dim_contiguous(t)
+    t2 = t.reshape(-1, cols)
+    if cols == 1 and t2.stride(1) != 1:  # a size-1 dim may carry any stride
+        t2 = t2.as_strided(t2.shape, (t2.stride(0), 1))
+    return t2
+
+
+def needs_grad(*tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def empty_placeholder(like: torch.Tensor) -> torch.Tensor:
+    """Custom ops cannot return None: absent outputs are 0-element tensors."""
+    return like.new_empty((0,))
