@@ -37,7 +37,7 @@ Design decisions
   dy tile and the z tile, multiply in fp32 registers, round to the dot dtype, tl.dot); no
   elementwise pass and no dz tensor. dbias = sum_M dz is accumulated in the dweight kernel by the
   programs whose K-tile index is 0. When few (N, K) tiles exist for a long M, the dweight kernel
-  splits M into SPLIT_M chunks writing fp32 partials (SPLIT_M, N, K) + (SPLIT_M, N), then one
+  splits M into S chunks writing fp32 partials (S, N, K) + (S, N), then one
   small kernel sums them in a fixed order (deterministic) and casts.
 """
 import functools
@@ -196,7 +196,7 @@ def _linear_bwd_dx_kernel(
     stride_dym, stride_zm, stride_wn,
     ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_N: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = tl.cdiv(K, BLOCK_K)
@@ -213,13 +213,9 @@ def _linear_bwd_dx_kernel(
         w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + cols[None, :]   # (BN, BK)
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n in range(0, tl.cdiv(N, BLOCK_N)):
-            if EVEN_N:
-                n_mask_mn = offs_n[None, :] < BLOCK_N
-                w = tl.load(w_ptrs)
-            else:
-                n_mask_mn = offs_n[None, :] < N - n * BLOCK_N
-                w = tl.load(w_ptrs, mask=offs_n[:, None] < N - n * BLOCK_N, other=0.0)
-            dz = _dz_tile(dy_ptrs, z_ptrs, n_mask_mn, ACTIVATION)
+            n_left = N - n * BLOCK_N
+            w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)               # (BN, BK)
+            dz = _dz_tile(dy_ptrs, z_ptrs, offs_n[None, :] < n_left, ACTIVATION)        # (BM, BN)
             if UPCAST_DOT:
                 a = dz
                 w = w.to(tl.float32)
@@ -235,25 +231,25 @@ def _linear_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward: dW = dz.T @ x and db = sum_M dz, reduction over M (optionally split into SPLIT_M chunks)
+# Backward: dW = dz.T @ x and db = sum_M dz, reduction over M (optionally split into chunks)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _linear_bwd_dw_kernel(
     dy_ptr,     # (M, N) row stride stride_dym
     z_ptr,      # (M, N) pre-activation, row stride stride_zm (dummy when ACTIVATION == 0)
     x_ptr,      # (M, K) row stride stride_xm
-    dw_ptr,     # SPLIT_M == 1: (N, K) output in weight dtype; else (SPLIT_M, N, K) fp32 partials
-    db_ptr,     # SPLIT_M == 1: (N,) output; else (SPLIT_M, N) fp32 partials; dummy if not HAS_BIAS
-    M, N, K, rows_per_split,
+    dw_ptr,     # num_splits == 1: (N, K) output in weight dtype; else (num_splits, N, K) fp32 partials
+    db_ptr,     # num_splits == 1: (N,) output; else (num_splits, N) fp32 partials; dummy w/o HAS_BIAS
+    M, N, K, rows_per_split, num_splits,
     stride_dym, stride_zm, stride_xm,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_M: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_k = tl.cdiv(K, BLOCK_K)
     tiles_per_split = num_pid_n * num_pid_k
-    num_tiles = tiles_per_split * SPLIT_M
+    num_tiles = tiles_per_split * num_splits
     offs_mb = tl.arange(0, BLOCK_M)
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         split = tile // tiles_per_split
@@ -296,17 +292,19 @@ def _linear_bwd_dw_kernel(
 
 @triton.jit
 def _sum_splits_kernel(
-    part_ptr,   # (SPLIT_M, numel) fp32 partials
+    part_ptr,   # (num_splits, numel) fp32 partials
     out_ptr,    # (numel,) output
-    numel,
-    SPLIT_M: tl.constexpr, BLOCK: tl.constexpr,
+    numel, num_splits,
+    BLOCK: tl.constexpr,
 ):
     # Fixed summation order over the splits: bitwise reproducible run to run.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
+    ptrs = part_ptr + offs
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT_M):
-        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    for s in range(num_splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += numel
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -327,9 +325,12 @@ def _device_index(t):
 
 
 @functools.lru_cache(maxsize=4096)
-def _gemm_config(M, N, K, elem_bytes, arch, num_sms):
+def _gemm_config(M, N, K, elem_bytes, arch, num_sms, heavy):
     """Tile config for an (M x N) output with reduction K. Returns a dict of launch parameters.
 
+    heavy: the kernel has a costly epilogue/prologue (activation or residual). The big tiles were
+    checked with ptxas (triton 3.9, sm_90 / sm_80): 128x256 fp32 accumulators plus a gelu/residual
+    epilogue spill hundreds of bytes, so heavy kernels use 128x128 (8 warps) instead.
     arch 0 means the interpreter: small tiles so masks, grouping and the tile loop are exercised.
     """
     if arch == 0:
@@ -341,13 +342,16 @@ def _gemm_config(M, N, K, elem_bytes, arch, num_sms):
         bm = 16 if M <= 16 else (32 if M <= 32 else 64)
         cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64 if fp32 else 128, GROUP_M=8, num_warps=4,
                    num_stages=4)
-    elif arch >= 9 and not fp32 and M >= 1024 and N >= 1024:
-        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    elif not fp32:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if arch >= 9 else 32, GROUP_M=8,
-                   num_warps=8 if arch >= 9 else 4, num_stages=4)
+    elif fp32:
+        cfg = (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4) if heavy
+               else dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3))
+    elif arch >= 9:
+        big = not heavy and M >= 1024 and N >= 1024
+        cfg = dict(BLOCK_M=128, BLOCK_N=256 if big else 128, BLOCK_K=64, GROUP_M=8, num_warps=8,
+                   num_stages=3)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8 if heavy else 4,
+                   num_stages=4)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     # Persistent when there are several waves: the tail wave is then spread over all SMs and the
     # launch creates num_sms programs instead of thousands.
@@ -381,6 +385,8 @@ def unsupported_reason(x, weight):
         return f"weight must be on x's device {x.device}, got {weight.device}"
     if x.dim() != 2 or weight.dim() != 2:
         return f"x and weight must be 2-D, got {tuple(x.shape)} and {tuple(weight.shape)}"
+    if x.shape[1] == 0:
+        return "in_features (x.shape[1]) must be >= 1, got 0"
     if x.shape[1] != weight.shape[1]:
         return f"weight.shape[1] must equal x.shape[1] ({x.shape[1]}), got {weight.shape[1]}"
     if x.stride(1) != 1 and x.shape[1] > 1:
@@ -421,7 +427,8 @@ def _linear_fwd(x, weight, bias, activation, residual, save_preact, cfg):
         return y, preact
     arch, num_sms = _device_info(_device_index(x))
     if cfg is None:
-        cfg = _gemm_config(M, N, K, x.element_size(), arch, num_sms)
+        cfg = _gemm_config(M, N, K, x.element_size(), arch, num_sms,
+                           activation is not None or residual is not None)
     upcast, precision = _dot_flags(x.dtype)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     _linear_fwd_kernel[_grid(cfg, tiles, num_sms)](
@@ -440,8 +447,9 @@ def _linear_fwd(x, weight, bias, activation, residual, save_preact, cfg):
 @functools.lru_cache(maxsize=4096)
 def _split_m(M, N, K, cfg_items, num_sms):
     """Chunks of M for the dweight GEMM: enough (N, K, split) tiles to fill the SMs once, each
-    chunk at least 8 BLOCK_M tall so the partials' extra traffic stays small. Returns
-    (split, rows_per_split) with rows_per_split a multiple of BLOCK_M."""
+    chunk at least 8 M-steps long so the fp32 partials' extra traffic stays small. cfg is the dW
+    config, whose BLOCK_M / BLOCK_N / BLOCK_K tile N / K / M. Returns (split, rows_per_split) with
+    rows_per_split a multiple of the M step."""
     cfg = dict(cfg_items)
     tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
     m_blocks = triton.cdiv(M, cfg["BLOCK_K"])
@@ -485,18 +493,18 @@ def _linear_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_dw,
             if N == 0:
                 dx.zero_()
             else:
-                cfg = cfg_dx or _gemm_config(M, K, N, x.element_size(), arch, num_sms)
+                cfg = cfg_dx or _gemm_config(M, K, N, x.element_size(), arch, num_sms, act != 0)
                 tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"])
                 _linear_bwd_dx_kernel[_grid(cfg, tiles, num_sms)](
                     dy, z, weight, dx, M, N, K, dy.stride(0), z.stride(0), weight.stride(0),
                     ACTIVATION=act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_K"],
                     BLOCK_K=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
-                    EVEN_N=N % cfg["BLOCK_K"] == 0, UPCAST_DOT=upcast, DOT_PRECISION=precision,
+                    UPCAST_DOT=upcast, DOT_PRECISION=precision,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if needs_dw or has_bias:
         dw = torch.empty((N, K), device=x.device, dtype=weight.dtype)  # (N, K)
         db = torch.empty((N,), device=x.device, dtype=weight.dtype) if has_bias else None
-        if N > 0 and (K > 0 or has_bias):
+        if N > 0:
             if M == 0:
                 dw.zero_()
                 if db is not None:
@@ -512,7 +520,7 @@ def _linear_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_dw,
 def _launch_dw(dy, z, x, dw, db, act, M, N, K, arch, num_sms, upcast, precision, cfg, split):
     # The dW GEMM is (N x K) with reduction M: the config's (BLOCK_M, BLOCK_N, BLOCK_K) are used as
     # (N tile, K tile, M step).
-    cfg = cfg or _gemm_config(N, max(K, 1), M, x.element_size(), arch, num_sms)
+    cfg = cfg or _gemm_config(N, K, M, x.element_size(), arch, num_sms, act != 0)
     if split is None:
         split, rows = _split_m(M, N, K, tuple(sorted(cfg.items())), num_sms)
     else:
@@ -524,18 +532,16 @@ def _launch_dw(dy, z, x, dw, db, act, M, N, K, arch, num_sms, upcast, precision,
     else:
         dw_out = torch.empty((split, N, K), device=x.device, dtype=torch.float32)  # (S, N, K)
         db_out = torch.empty((split, N), device=x.device, dtype=torch.float32) if has_bias else None
-    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(max(K, 1), cfg["BLOCK_N"]) * split
+    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]) * split
     _linear_bwd_dw_kernel[_grid(cfg, tiles, num_sms)](
-        dy, z, x, dw_out, db_out if has_bias else dw_out, M, N, max(K, 1), rows,
+        dy, z, x, dw_out, db_out if has_bias else dw_out, M, N, K, rows, split,
         dy.stride(0), z.stride(0), x.stride(0),
-        ACTIVATION=act, HAS_BIAS=has_bias, SPLIT_M=split,
+        ACTIVATION=act, HAS_BIAS=has_bias,
         BLOCK_M=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"],
         GROUP_M=cfg["GROUP_M"], UPCAST_DOT=upcast, DOT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         block = 1024
-        if K > 0:
-            _sum_splits_kernel[(triton.cdiv(N * K, block),)](dw_out, dw, N * K, SPLIT_M=split,
-                                                             BLOCK=block)
+        _sum_splits_kernel[(triton.cdiv(N * K, block),)](dw_out, dw, N * K, split, BLOCK=block)
         if has_bias:
-            _sum_splits_kernel[(triton.cdiv(N, block),)](db_out, db, N, SPLIT_M=split, BLOCK=block)
+            _sum_splits_kernel[(triton.cdiv(N, block),)](db_out, db, N, split, BLOCK=block)

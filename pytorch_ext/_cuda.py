@@ -45,7 +45,32 @@ SIGNATURES: dict[str, tuple] = {
                                   c_ptr, c_i64, c_ptr, c_ptr, c_ptr, ctypes.c_size_t,
                                   c_i64, c_i64, c_i32, c_i32, c_ptr]),
     # ---------------------------------------------------------------- attention
+    "fl_attention_fwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
+                                 c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64, c_ptr,
+                                 c_ptr, c_i64, c_i64, c_i64, c_i64, c_i64, c_i64, c_i64,
+                                 c_f32, c_i32, c_f32, c_u64, c_u64, c_i32, c_ptr]),
+    "fl_attention_bwd_workspace_size": (c_i32, [c_i64, c_i64, c_i64, c_i64, c_i32, c_size_p]),
+    "fl_attention_bwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
+                                 c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
+                                 c_ptr, c_i64, c_i64, c_i64, c_ptr, c_ptr, c_i64, c_i64,
+                                 c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
+                                 c_ptr, c_i64, c_i64, c_i64, c_ptr, ctypes.c_size_t,
+                                 c_i64, c_i64, c_i64, c_i64, c_i64,
+                                 c_f32, c_i32, c_f32, c_u64, c_u64, c_i32, c_i32, c_ptr]),
+    "fl_attention_kvcache_workspace_size": (c_i32, [c_i64, c_i64, c_i64, c_i64, c_i64, c_size_p]),
+    "fl_attention_kvcache_fwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
+                                         c_ptr, c_i64, c_i64, c_i64, c_ptr,
+                                         c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
+                                         c_ptr, c_i64, c_i64, c_i64, c_ptr, ctypes.c_size_t,
+                                         c_i64, c_i64, c_i64, c_i64, c_i64,
+                                         c_f32, c_i32, c_i32, c_ptr]),
     # ---------------------------------------------------------------- linear
+    "fl_linear_fwd": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64,
+                              c_i64, c_i64, c_i64, c_i32, c_i32, c_ptr]),
+    "fl_linear_bwd_dx": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64,
+                                 c_i64, c_i64, c_i64, c_i32, c_i32, c_ptr]),
+    "fl_linear_bwd_dw": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64, c_ptr,
+                                 c_i64, c_i64, c_i64, c_i32, c_i32, c_ptr]),
 }
 
 

@@ -85,10 +85,100 @@ FL_API fl_status fl_layer_norm_bwd(const void* dy, int64_t dy_row_stride,
                                    int32_t dtype, void* stream);
 
 /* ---------------------------------------------------------------- attention
- * (section owned by the attention work; declarations follow the conventions above) */
+ * Scaled dot-product attention, FlashAttention-2 style, fp16 / bf16 (dtype 1 / 2), head dims as
+ * published in fl_build_info()["attention_head_dims"].
+ * q, o (B, Lq, H, D); k, v (B, Lk, H, D): each with (b, l, h) strides in elements (multiples of
+ * 8) and a contiguous, 16-byte aligned head dim.  lse (B, H, Lq) fp32 contiguous: natural log of
+ * sum_j exp(scale q.k_j) over attended keys; +inf (and o = 0) for a row that attends no key.
+ * key_padding_mask (B, Lk) uint8 / bool with (b, l) strides, nonzero = attend, NULL = none.
+ * causal != 0: bottom-right aligned, query i attends key j iff j <= i + Lk - Lq.
+ * Dropout (0 <= dropout_p < 1) on the normalised probabilities, kept values scaled by 1/(1-p),
+ * keep iff ((philox4x32-10(key (seed_lo, seed_hi), counter (c_lo, c_hi, 0, 0)).x >> 8) * 2^-24
+ * >= dropout_p with c = offset + ((b*H + h)*Lq + i)*Lk + j (the mask of every fastlayers backend). */
+FL_API fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
+                                  const void* k, int64_t k_b, int64_t k_l, int64_t k_h,
+                                  const void* v, int64_t v_b, int64_t v_l, int64_t v_h,
+                                  void* o, int64_t o_b, int64_t o_l, int64_t o_h, float* lse,
+                                  const uint8_t* key_padding_mask, int64_t kpm_b, int64_t kpm_l,
+                                  int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
+                                  float softmax_scale, int32_t causal, float dropout_p,
+                                  uint64_t seed, uint64_t offset, int32_t dtype, void* stream);
+/* Bytes of workspace fl_attention_bwd needs (delta, and the fp32 dq accumulator when
+ * deterministic == 0); the workspace must be 256-byte aligned. */
+FL_API fl_status fl_attention_bwd_workspace_size(int64_t B, int64_t Lq, int64_t H, int64_t D,
+                                                 int32_t deterministic, size_t* bytes);
+/* Gradients from dout and the forward's o and lse (same arguments as the forward).  dq, dk, dv
+ * take the layouts of q, k, v.  deterministic != 0: no atomics, bitwise reproducible. */
+FL_API fl_status fl_attention_bwd(const void* dout, int64_t do_b, int64_t do_l, int64_t do_h,
+                                  const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
+                                  const void* k, int64_t k_b, int64_t k_l, int64_t k_h,
+                                  const void* v, int64_t v_b, int64_t v_l, int64_t v_h,
+                                  const void* o, int64_t o_b, int64_t o_l, int64_t o_h,
+                                  const float* lse,
+                                  const uint8_t* key_padding_mask, int64_t kpm_b, int64_t kpm_l,
+                                  void* dq, int64_t dq_b, int64_t dq_l, int64_t dq_h,
+                                  void* dk, int64_t dk_b, int64_t dk_l, int64_t dk_h,
+                                  void* dv, int64_t dv_b, int64_t dv_l, int64_t dv_h,
+                                  void* workspace, size_t workspace_bytes,
+                                  int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
+                                  float softmax_scale, int32_t causal, float dropout_p,
+                                  uint64_t seed, uint64_t offset, int32_t deterministic,
+                                  int32_t dtype, void* stream);
+/* Bytes of fp32 workspace fl_attention_kvcache_fwd needs (split-KV partials; 0 when one split
+ * suffices).  Depends on the current device's SM count; ask with the same device current. */
+FL_API fl_status fl_attention_kvcache_workspace_size(int64_t B, int64_t Lq, int64_t H, int64_t D,
+                                                     int64_t Lmax, size_t* bytes);
+/* Decode step: k_cache, v_cache (B, Lmax, H, D) are written in place at rows
+ * cache_seqlens[b] .. cache_seqlens[b] + Lq - 1 from k_new, v_new (B, Lq, H, D) when those are
+ * given (both or neither); q then attends keys 0 .. cache_seqlens[b] (+ Lq with new keys) - 1,
+ * bottom-right causal when causal != 0.  cache_seqlens (B,) int32 stays on the device (no host
+ * sync; the launch sequence depends on host sizes only, so it is CUDA-graph capturable). */
+FL_API fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
+                                          void* k_cache, int64_t kc_b, int64_t kc_l, int64_t kc_h,
+                                          void* v_cache, int64_t vc_b, int64_t vc_l, int64_t vc_h,
+                                          const int32_t* cache_seqlens,
+                                          const void* k_new, int64_t kn_b, int64_t kn_l, int64_t kn_h,
+                                          const void* v_new, int64_t vn_b, int64_t vn_l, int64_t vn_h,
+                                          void* o, int64_t o_b, int64_t o_l, int64_t o_h,
+                                          void* workspace, size_t workspace_bytes,
+                                          int64_t B, int64_t Lq, int64_t Lmax, int64_t H, int64_t D,
+                                          float softmax_scale, int32_t causal, int32_t dtype,
+                                          void* stream);
 
 /* ---------------------------------------------------------------- linear
- * (section owned by the linear work; declarations follow the conventions above) */
+ * y = act(x @ weight^T + bias) + residual on tensor cores (fp16/bf16 only, fp32 accumulation,
+ * sm_80+), and its gradients. Shapes: x (M, K), weight (N, K) as nn.Linear stores it, y (M, N);
+ * every matrix is row-major with unit inner stride and the given row stride (in elements); all
+ * tensors share `dtype` (FL_F16 or FL_BF16; FL_F32 gives FL_ERR_UNSUPPORTED). `activation` is an
+ * fl_activation. Any M, N, K >= 0 (tails are predicated); 16-byte aligned pointers and row strides
+ * that are multiples of 8 take the fast cp.async path, anything else a slower element-wise-load
+ * variant. Deterministic: no atomics, fixed summation order. */
+/* bias (N,) / residual (M, N) may be NULL. preact (M, N), may be NULL: receives z = x @ W^T + bias
+ * (rounded to dtype), the input of act' in the backward. y = act(z) + residual (z kept in fp32). */
+FL_API fl_status fl_linear_fwd(const void* x, int64_t x_row_stride,
+                               const void* weight, int64_t weight_row_stride,
+                               const void* bias,
+                               const void* residual, int64_t residual_row_stride,
+                               void* y, int64_t y_row_stride,
+                               void* preact, int64_t preact_row_stride,
+                               int64_t M, int64_t N, int64_t K, int32_t activation,
+                               int32_t dtype, void* stream);
+/* dx (M, K) = dz @ weight with dz = dy * act'(preact) formed in registers while loading dy
+ * (preact (M, N) required unless activation is FL_ACT_NONE; dy (M, N)). */
+FL_API fl_status fl_linear_bwd_dx(const void* dy, int64_t dy_row_stride,
+                                  const void* preact, int64_t preact_row_stride,
+                                  const void* weight, int64_t weight_row_stride,
+                                  void* dx, int64_t dx_row_stride,
+                                  int64_t M, int64_t N, int64_t K, int32_t activation,
+                                  int32_t dtype, void* stream);
+/* dweight (N, K) = dz^T @ x and, when dbias (N,) is non-NULL, dbias = sum over rows of dz, in the
+ * same kernel (fp32 sums in a fixed order). No workspace. M == 0 writes zeros. */
+FL_API fl_status fl_linear_bwd_dw(const void* dy, int64_t dy_row_stride,
+                                  const void* preact, int64_t preact_row_stride,
+                                  const void* x, int64_t x_row_stride,
+                                  void* dweight, int64_t dweight_row_stride, void* dbias,
+                                  int64_t M, int64_t N, int64_t K, int32_t activation,
+                                  int32_t dtype, void* stream);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# GPU check: build, GPU tests and quick benchmarks on a GPU machine, everything logged to OUTDIR.
+#   benchmarks/gpu_check.sh OUTDIR        (run from anywhere; it works in the repository root)
+# Steps (each with a time limit; a failing step does not stop the next ones; the exit status is
+# non-zero when any step failed):
+#   1 nvidia-smi                                   -> OUTDIR/nvidia-smi.txt
+#   2 pip install --no-deps --no-build-isolation -e .  (builds libfastlayers_cuda.so) -> OUTDIR/build.log
+#   3 pytest -m gpu -x -q                          -> OUTDIR/pytest-gpu.log, OUTDIR/pytest-gpu.xml
+#   4 fastlayers info + fastlayers bench --quick   -> OUTDIR/bench.log, OUTDIR/bench-results.tar.gz
+#                                                     (JSON + PNG; tarred: the machine returns <= 8 files)
+#   OUTDIR/summary.txt: one line per step with its status and seconds.
+# Budget on one H100: build 1-2 min, tests <= 3 min, bench <= 3 min; the step limits add up to 570 s.
+# Limits are overridable: GPU_CHECK_BUILD_S, GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S.
+set -u
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python}
+BUILD_S=${GPU_CHECK_BUILD_S:-150}
+TEST_S=${GPU_CHECK_TEST_S:-180}
+BENCH_S=${GPU_CHECK_BENCH_S:-180}
+FAILED=0
+: > "$OUT/summary.txt"
+
+step() {  # step NAME LOGFILE TIMEOUT_S CMD...: runs CMD under a time limit, appends to LOGFILE
+    local name=$1 log=$2 limit=$3
+    shift 3
+    local t0=$SECONDS rc
+    echo "== $name: $*" >> "$log"
+    timeout --kill-after=15 "$limit" "$@" >> "$log" 2>&1
+    rc=$?
+    local dt=$((SECONDS - t0))
+    if [ $rc -eq 0 ]; then
+        echo "ok      $name (${dt}s)" >> "$OUT/summary.txt"
+    else
+        [ $rc -eq 124 ] || [ $rc -eq 137 ] && note=" timed out after ${limit}s" || note=""
+        echo "FAILED  $name (exit $rc${note}, ${dt}s; see $(basename "$log"))" >> "$OUT/summary.txt"
+        FAILED=1
+    fi
+    echo "== $name: exit $rc after ${dt}s" >> "$log"
+    return 0
+}
+
+step nvidia-smi "$OUT/nvidia-smi.txt" 30 nvidia-smi
+step build "$OUT/build.log" "$BUILD_S" "$PY" -m pip install --no-deps --no-build-isolation -e .
+step pytest-gpu "$OUT/pytest-gpu.log" "$TEST_S" \
+    "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
+
+BENCH_DIR=$(mktemp -d)
+step info "$OUT/bench.log" 30 "$PY" -m fastlayers.cli info
+# the harness's own budget stops starting rows 30 s before the hard limit, so its JSON is written
+step bench "$OUT/bench.log" "$BENCH_S" "$PY" -m fastlayers.cli bench --quick --out "$BENCH_DIR" \
+    --max-seconds $((BENCH_S - 30))
+if ls "$BENCH_DIR"/* > /dev/null 2>&1; then
+    tar -czf "$OUT/bench-results.tar.gz" -C "$BENCH_DIR" .
+    echo "bench results: bench-results.tar.gz ($(cd "$BENCH_DIR" && ls | tr '\n' ' '))" >> "$OUT/summary.txt"
+else
+    echo "bench results: none written" >> "$OUT/summary.txt"
+fi
+rm -rf "$BENCH_DIR"
+
+cat "$OUT/summary.txt"
+exit $FAILED

@@ -1,0 +1,98 @@
+"""Regenerates the README results table (markdown, stdout) from `fastlayers bench` JSON files.
+
+    python -m fastlayers.bench.readme_table [--results DIR] [--include-cpu] [FILE.json ...]
+
+With no files it reads <group>-latest.json for norm, attention and linear under DIR (default
+benchmarks/results). Only measured numbers appear, each table headed by the card and versions that
+produced it; a row that did not run shows its status word (unsupported, not available, ...).
+CPU results (the no-GPU configuration) are left out unless --include-cpu: they are not GPU figures.
+Cell: rate (fraction of the measured peak, speed-up over torch eager).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `report` importable as a sibling
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import report  # type: ignore
+else:
+    from . import report
+
+TITLES = {"norm": "LayerNorm / RMSNorm", "attention": "Attention", "linear": "Linear (GEMM + bias + GELU)"}
+GROUPS = ("norm", "attention", "linear")
+
+
+def _cell(r: dict) -> str:
+    status = r["status"]
+    if status != "ok" or r.get("rate") is None:
+        return status.split(":")[0]
+    if r["unit"] == "us/call":
+        s = f"{r['rate']:.1f} us"
+    else:
+        s = f"{r['rate']:.0f}" if r["rate"] >= 100 else f"{r['rate']:.3g}"
+    extra = []
+    if r.get("fraction_of_peak") is not None:
+        extra.append(f"{100 * r['fraction_of_peak']:.0f}%")
+    if r.get("speedup_vs_eager") is not None and not r.get("reference"):
+        extra.append(f"{r['speedup_vs_eager']:.2f}x")
+    return s + (f" ({', '.join(extra)})" if extra else "")
+
+
+def table(doc: dict) -> str:
+    group, env, peaks, rows = doc["group"], doc["env"], doc.get("peaks"), doc["rows"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    # keep columns that measured something
+    impls = [i for i in impls if any(r["impl"] == i and r["status"] == "ok" for r in rows)]
+    lines = [f"### {TITLES.get(group, group)} -- {env.get('card')}",
+             "",
+             f"{env.get('dtype')}; driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, python {env.get('python')}, fastlayers {env.get('fastlayers')} "
+             f"(commit {str(env.get('git_commit'))[:12]}), {env.get('date')}."]
+    if peaks:
+        lines.append(f"Measured in the same run: copy bandwidth {peaks['copy_bandwidth_gbs']:.0f} GB/s, "
+                     f"bf16 GEMM {peaks['bf16_gemm_tflops']:.0f} TFLOP/s.")
+    if env.get("device_type") != "cuda":
+        lines.append("CPU run of the torch backend: not GPU figures.")
+    lines += ["Cells: rate (fraction of the measured peak, speed-up over torch eager).", ""]
+    lines.append("| variant | case | unit | " + " | ".join(impls) + " |")
+    lines.append("|---|---|---|" + "---|" * len(impls))
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((r["variant"], report.case_label(group, r["case"]), r["unit"]), {})[r["impl"]] = r
+    for (variant, case, unit), cells in by_key.items():
+        vals = [(_cell(cells[i]) if i in cells else "") for i in impls]
+        if not any(c and c[0].isdigit() for c in vals):
+            continue
+        lines.append(f"| {variant} | {case} | {unit} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="*", help="result JSON files (default: <group>-latest.json under --results)")
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--include-cpu", action="store_true", help="also tabulate CPU (no-GPU) runs")
+    args = p.parse_args(argv)
+    files = [Path(f) for f in args.files] or [Path(args.results) / f"{g}-latest.json" for g in GROUPS]
+    out = []
+    for f in files:
+        if not f.exists():
+            print(f"readme_table: {f} not found, skipped", file=sys.stderr)
+            continue
+        doc = json.loads(f.read_text())
+        if doc.get("env", {}).get("device_type") != "cuda" and not args.include_cpu:
+            print(f"readme_table: {f} is a CPU run, skipped (--include-cpu to show it)", file=sys.stderr)
+            continue
+        out.append(table(doc))
+    if not out:
+        print("readme_table: no GPU results to tabulate", file=sys.stderr)
+        return 1
+    print("\n\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+// attention_common.cuh -- what the attention kernels share: per-head-dim traits, the head-dim
+// static switch, warp-level tensor-core primitives (ldmatrix, mma.sync.m16n8k16, cp.async), the
+// tile loader, the philox dropout mask and the kernel parameter block.
+//
+// Layouts (all tensors row-major in the last dim, head dim D contiguous):
+//   q, o (B, Lq, H, D), k, v (B, Lk, H, D) with (b, l, h) strides in elements;
+//   lse, delta (B, H, Lq) fp32 contiguous; key_padding_mask (B, Lk) uint8 with (b, l) strides.
+// Shared-memory tiles are row-major with a row stride of D + 8 elements: the 16-byte pad puts the
+// 8 rows an ldmatrix reads in 8 different 4-bank groups (row stride in words is 4 mod 32 for every
+// D that is a multiple of 64 and 20 mod 32 for D = 32, 96), so ldmatrix is conflict-free without
+// a swizzle.
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs and f32 accumulators; g = lane/4,
+// t = lane%4): A regs {a0..a3} hold (row g, cols 2t..2t+1), (row g+8, cols 2t..), (row g, cols
+// 8+2t..), (row g+8, cols 8+2t..); B regs {b0, b1} hold (k rows 2t..2t+1, col g), (k 8+2t.., col g);
+// C holds c0,c1 = (row g, cols 2t, 2t+1) and c2,c3 = (row g+8, cols 2t, 2t+1).
+#pragma once
+
+#include "common.cuh"
+
+namespace fl {
+namespace attn {
+
+constexpr int kNumThreads = 128;  // 4 warps; every kernel below uses this block size
+constexpr int kWarps = 4;
+
+// Everything that depends on the head dim, in one place.
+template <int D_>
+struct Traits {
+  static constexpr int D = D_;
+  static constexpr int kStride = D + 8;               // smem row stride (elements), see above
+  static constexpr int kBlockM = 64;                  // forward / dq query tile: 4 warps x 16 rows
+  static constexpr int kBlockN = D <= 64 ? 64 : 32;   // forward / dq key tile (registers + smem)
+  static constexpr int kBwdBlockN = 64;               // dk/dv key tile: 4 warps x 16 keys
+  static constexpr int kBwdBlockM = D <= 64 ? 64 : 32;  // dk/dv query tile
+  static_assert(D % 32 == 0, "head dim must be a multiple of 32 (16-column ldmatrix pairs)");
+};
+
+// The head dims this build compiles; fl_build_info() publishes the same list (attention.cu).
+#define FL_ATTN_HEAD_DIMS_JSON "[32, 64, 96, 128]"
+
+// Runtime head dim -> `constexpr int kHeadDim` inside the body; unknown -> FL_ERR_UNSUPPORTED.
+#define FL_ATTN_DISPATCH_HEAD_DIM(d, name, ...)                                               \
+  [&]() -> fl_status {                                                                       \
+    switch (d) {                                                                             \
+      case 32: { constexpr int kHeadDim = 32; return __VA_ARGS__(); }                        \
+      case 64: { constexpr int kHeadDim = 64; return __VA_ARGS__(); }                        \
+      case 96: { constexpr int kHeadDim = 96; return __VA_ARGS__(); }                        \
+      case 128: { constexpr int kHeadDim = 128; return __VA_ARGS__(); }                      \
+      default:                                                                               \
+        return ::fl::set_error(FL_ERR_UNSUPPORTED, std::string(name) +                       \
+                                                       ": head dim must be one of " FL_ATTN_HEAD_DIMS_JSON \
+                                                       ", got " + std::to_string(d));        \
+    }                                                                                        \
+  }()
+
+// ------------------------------------------------------------------ parameters
+struct Params {
+  const void* q; const void* k; const void* v;
+  int64_t q_b, q_l, q_h, k_b, k_l, k_h, v_b, v_l, v_h;
+  void* o; int64_t o_b, o_l, o_h;           // forward output / dq output in the dq kernel
+  float* lse;                               // (B, H, Lq)
+  const uint8_t* kpm; int64_t kpm_b, kpm_l; // key_padding_mask or nullptr
+  int B, H, Lq, Lk;                         // Lk: the (maximal) key count
+  const int32_t* seqlens_k;                 // kvcache: per-batch key count = seqlens_k[b] + seqlens_add
+  int seqlens_add;
+  float scale;        // softmax scale
+  float scale_log2;   // scale * log2(e): scores live in the exp2 domain
+  int causal;         // bottom-right aligned: query i attends key j iff j <= i + Lk - Lq
+  float dropout_p;    // 0 = no dropout
+  float dropout_rescale;  // 1 / (1 - p)
+  uint64_t seed, offset;
+  // split-KV (kvcache): num_splits > 1 writes normalised partial o / lse here instead of o / lse
+  int num_splits;
+  float* o_part;      // (splits, B, H, Lq, D)
+  float* lse_part;    // (splits, B, H, Lq)
+  // backward
+  const void* dout; int64_t do_b, do_l, do_h;
+  const void* out; int64_t out_b, out_l, out_h;
+  void* dq; int64_t dq_b, dq_l, dq_h;
+  void* dk; int64_t dk_b, dk_l, dk_h;
+  void* dv; int64_t dv_b, dv_l, dv_h;
+  float* delta;       // (B, H, Lq)
+  float* dq_accum;    // (B, Lq, H, D) fp32, atomic mode
+};
+
+// ------------------------------------------------------------------ philox dropout mask
+// philox4x32-10 with key (seed_lo, seed_hi) and counter (c_lo, c_hi, 0, 0), word 0 -- the same
+// stream as Triton's tl.randint(seed, c) for int64 seed and c (BRIEF "### attention").
+__host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+__host__ __device__ __forceinline__ uint32_t philox_word0(uint64_t seed, uint64_t c) {
+  uint32_t c0 = static_cast<uint32_t>(c), c1 = static_cast<uint32_t>(c >> 32), c2 = 0u, c3 = 0u;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// keep = u >= p with u = (r >> 8) * 2^-24, exact in fp32.
+__host__ __device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t c, float p) {
+  const float u = static_cast<float>(philox_word0(seed, c) >> 8) * 5.9604644775390625e-08f;
+  return u >= p;
+}
+
+#if defined(__CUDACC__)
+// ------------------------------------------------------------------ tensor-core primitives
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+template <typename T> struct MmaOp;
+template <> struct MmaOp<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Two fp32 -> one register of two T (low half = first element, i.e. the lower column).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 zero-fills (rows past the end: a zero K/V row keeps
+// 0 * garbage from turning into NaN in P.V).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Loads rows [row0, row0 + ROWS) of a (L, D) slice with row stride `ld` (elements) into a smem
+// tile with row stride D + 8; rows >= nrows are zero-filled. All 128 threads take part.
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t ld, int row0, int nrows) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += kNumThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = row0 + r < nrows;
+    const T* src = ok ? gmem + static_cast<int64_t>(row0 + r) * ld + col : gmem;
+    cp_async_16(smem + r * (D + 8) + col, src, ok ? 16 : 0);
+  }
+}
+
+// ------------------------------------------------------------------ warp GEMMs
+// Every warp GEMM below computes a 16-row slab: acc[N/8][4] += A (16 x K) * B (K x N), where acc
+// is in the C layout (acc[j] covers columns 8j..8j+7).
+
+// B operand from smem for k rows k0..k0+15 and output columns n0..n0+15, as b[0..1] (cols n0..)
+// and b[2..3] (cols n0+8..).
+//   B_NK: smem holds B transposed, row n = output column, contiguous in k (K of S = Q K^T).
+//   otherwise: smem holds B row-major, row = k, contiguous in n (V of O = P V): ldmatrix.trans.
+template <bool B_NK, typename T>
+__device__ __forceinline__ void load_b(uint32_t (&b)[4], const T* smem, int ld, int k0, int n0) {
+  const int lane = threadIdx.x & 31;
+  if (B_NK) {
+    // matrices: (n0, k0), (n0, k0+8), (n0+8, k0), (n0+8, k0+8)
+    const int n = n0 + (lane & 7) + ((lane >> 4) << 3), k = k0 + (((lane >> 3) & 1) << 3);
+    ldmatrix_x4(b, smem + n * ld + k);
+  } else {
+    // matrices (transposed on load): (k0, n0), (k0+8, n0), (k0, n0+8), (k0+8, n0+8)
+    const int k = k0 + (lane & 7) + (((lane >> 3) & 1) << 3), n = n0 + ((lane >> 4) << 3);
+    ldmatrix_x4_trans(b, smem + k * ld + n);
+  }
+}
+
+// A operand (16 rows x 16 k) from smem.
+//   row-major A (A_T = false): smem row = A row, contiguous in k.
+//   A_T: smem holds A transposed (row = k, contiguous in A rows), e.g. dS^T when computing dQ = dS K.
+template <bool A_T, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* smem, int ld, int m0, int k0) {
+  const int lane = threadIdx.x & 31;
+  if (!A_T) {
+    // matrices: (m0, k0), (m0+8, k0), (m0, k0+8), (m0+8, k0+8)
+    ldmatrix_x4(a, smem + (m0 + (lane & 15)) * ld + k0 + ((lane >> 4) << 3));
+  } else {
+    // A^T rows are k: matrices (k0, m0), (k0, m0+8), (k0+8, m0), (k0+8, m0+8), transposed on load
+    const int k = k0 + (lane & 7) + ((lane >> 4) << 3), m = m0 + (((lane >> 3) & 1) << 3);
+    ldmatrix_x4_trans(a, smem + k * ld + m);
+  }
+}
+
+// acc (16 x N) += A (smem, rows m0..m0+15) * B (smem); K, N multiples of 16.
+template <int N, int K, bool A_T, bool B_NK, typename T>
+__device__ __forceinline__ void gemm_ss(float (&acc)[N / 8][4], const T* a, int lda, int m0,
+                                        const T* b, int ldb, int n_off) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t af[4];
+    load_a<A_T>(af, a, lda, m0, kk * 16);
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      uint32_t bf[4];
+      load_b<B_NK>(bf, b, ldb, kk * 16, n_off + nn * 16);
+      MmaOp<T>::run(acc[2 * nn], af, bf[0], bf[1]);
+      MmaOp<T>::run(acc[2 * nn + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 x N) += A (registers, A layout, a[K/16][4]) * B (smem).
+template <int N, int K, bool B_NK, typename T>
+__device__ __forceinline__ void gemm_rs(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
+                                        const T* b, int ldb, int n_off) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      uint32_t bf[4];
+      load_b<B_NK>(bf, b, ldb, kk * 16, n_off + nn * 16);
+      MmaOp<T>::run(acc[2 * nn], a[kk], bf[0], bf[1]);
+      MmaOp<T>::run(acc[2 * nn + 1], a[kk], bf[2], bf[3]);
+    }
+  }
+}
+
+// C-layout accumulator (16 x N fp32) -> A-layout registers (16 x N as K) in T: the two 8-column
+// C blocks 2kk, 2kk+1 form A chunk kk.
+template <int N, typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[N / 16][4], const float (&c)[N / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// Number of keys batch b attends (kvcache: device-side lengths).
+__device__ __forceinline__ int keys_of_batch(const Params& p, int b) {
+  if (p.seqlens_k == nullptr) return p.Lk;
+  return max(0, min(p.seqlens_k[b] + p.seqlens_add, p.Lk));
+}
+
+// Whether query i may attend key j (batch b, nk keys).
+__device__ __forceinline__ bool attends(const Params& p, int b, int i, int j, int nk, int nq) {
+  if (j >= nk) return false;
+  if (p.causal && j > i + nk - nq) return false;
+  if (p.kpm != nullptr && p.kpm[b * p.kpm_b + static_cast<int64_t>(j) * p.kpm_l] == 0) return false;
+  return true;
+}
+
+__device__ __forceinline__ uint64_t dropout_counter(const Params& p, int b, int h, int i, int j) {
+  return p.offset + ((static_cast<uint64_t>(b) * p.H + h) * p.Lq + i) * static_cast<uint64_t>(p.Lk) + j;
+}
+#endif  // __CUDACC__
+
+}  // namespace attn
+}  // namespace fl

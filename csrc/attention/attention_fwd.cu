@@ -1,0 +1,452 @@
+// attention_fwd.cu -- FlashAttention-2 style forward on tensor cores (mma.sync.m16n8k16), and the
+// KV-cache decode path built on the same kernel run split-KV.
+//
+// fl_attention_fwd: one CTA per (64-query tile, head, batch); 4 warps, each owning 16 query rows;
+// K/V tiles double-buffered with cp.async; scores kept in the exp2 domain (scale * log2 e folded
+// in); online softmax with fp32 row max / row sum; bottom-right causal with key tiles past the
+// diagonal never loaded; key_padding_mask; tails of Lq and Lk masked (zero-filled K/V rows).
+// Rows with no key: o = 0, lse = +inf.  Dropout multiplies P (after normalisation) by the
+// counter-based philox mask of attention_common.cuh and rescales by 1/(1-p).
+// fl_attention_kvcache_fwd: appends k_new / v_new at the device-side cache_seqlens, runs the
+// forward kernel over num_splits chunks of the keys (partial o / lse in fp32), then combines them.
+// No host synchronisation: the split count depends on host-known sizes only.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "attention/attention_common.cuh"
+
+namespace fl {
+namespace attn {
+namespace {
+
+constexpr float kInf = __builtin_huge_valf();
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kLog2e = 1.442695040888963407f;
+
+template <int D, typename T>
+constexpr int fwd_smem_bytes() {
+  using Tr = Traits<D>;
+  return (Tr::kBlockM + 4 * Tr::kBlockN) * Tr::kStride * static_cast<int>(sizeof(T));
+}
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params p) {
+  using Tr = Traits<D>;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, LD = Tr::kStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // BM x LD; later each warp's 16 rows stage its output
+  T* sK = sQ + BM * LD;                    // 2 buffers of BN x LD
+  T* sV = sK + 2 * BN * LD;                // 2 buffers of BN x LD
+
+  const int m_block = blockIdx.x, h = blockIdx.y;
+  const int b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int nq = p.Lq, nk = keys_of_batch(p, b);
+  const int m0 = m_block * BM;
+  const int row0 = m0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+
+  // Key tiles [tile_begin, tile_end): causal stops after the last key the tile's last row sees.
+  const int n_tiles = (nk + BN - 1) / BN;
+  int tile_begin = 0, tile_end = n_tiles;
+  if (p.causal) {
+    const int last_key = min(m0 + BM, nq) - 1 + nk - nq;
+    tile_end = last_key < 0 ? 0 : min(tile_end, last_key / BN + 1);
+  }
+  if (p.num_splits > 1) {
+    const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
+    tile_begin = split * per_split;
+    tile_end = min(tile_end, tile_begin + per_split);
+  }
+
+  const bool split_out = p.num_splits > 1;
+  const int64_t bh_row = (static_cast<int64_t>(b) * p.H + h) * nq;  // row base of (B, H, Lq) arrays
+  const int64_t part_row = (static_cast<int64_t>(split) * p.B * p.H) * nq + bh_row;
+  T* out = static_cast<T*>(p.o) + b * p.o_b + h * p.o_h;
+
+  if (tile_begin >= tile_end) {  // no key for any row of this CTA (or an empty split)
+    for (int c = threadIdx.x; c < BM * D; c += kNumThreads) {
+      const int r = c / D, d = c % D, i = m0 + r;
+      if (i >= nq) continue;
+      if (split_out) p.o_part[(part_row + i) * D + d] = 0.f;
+      else out[i * p.o_l + d] = from_float<T>(0.f);
+      if (d == 0) {
+        if (split_out) p.lse_part[part_row + i] = -kInf;
+        else if (p.lse != nullptr) p.lse[bh_row + i] = kInf;
+      }
+    }
+    return;
+  }
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_b + h * p.q_h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_b + h * p.k_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_b + h * p.v_h;
+
+  load_tile_async<BM, D>(sQ, q, p.q_l, m0, nq);
+  load_tile_async<BN, D>(sK, k, p.k_l, tile_begin * BN, nk);
+  load_tile_async<BN, D>(sV, v, p.v_l, tile_begin * BN, nk);
+  cp_async_commit();
+
+  float acc[D / 8][4];
+  zero(acc);
+  float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.f, 0.f};  // row_sum: this thread's columns
+  const bool has_dropout = p.dropout_p > 0.f;
+
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int buf = (tile - tile_begin) & 1;
+    if (tile + 1 < tile_end) {  // prefetch the next K/V tile into the other buffer
+      load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk);
+      load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* cK = sK + buf * BN * LD;
+    const T* cV = sV + buf * BN * LD;
+
+    float s[BN / 8][4];
+    zero(s);
+    gemm_ss<BN, D, false, true>(s, sQ, LD, warp * 16, cK, LD, 0);  // S = Q K^T (16 x BN)
+
+    const int n0 = tile * BN;
+    const bool need_mask = n0 + BN > nk || p.kpm != nullptr || (p.causal && n0 + BN - 1 > m0 + nk - nq);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * p.scale_log2;
+        if (need_mask && !attends(p, b, row0 + (e >> 1) * 8, n0 + j * 8 + 2 * t + (e & 1), nk, nq)) x = -kInf;
+        s[j][e] = x;
+      }
+
+    // Online softmax. A row with no key so far keeps max -inf; it exponentiates against 0 so that
+    // no (-inf) - (-inf) NaN appears, and its p, l, acc stay 0.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == -kInf ? 0.f : mx;
+      const float alpha = exp2f(row_max[r] - m_use);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        s[j][2 * r] = exp2f(s[j][2 * r] - m_use);
+        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - m_use);
+        sum += s[j][2 * r] + s[j][2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        acc[d][2 * r] *= alpha;
+        acc[d][2 * r + 1] *= alpha;
+      }
+    }
+
+    if (has_dropout) {  // the row sum above is pre-dropout (lse is); only P.V sees the mask
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const uint64_t c = dropout_counter(p, b, h, row0 + (e >> 1) * 8, n0 + j * 8 + 2 * t + (e & 1));
+          if (!dropout_keep(p.seed, c, p.dropout_p)) s[j][e] = 0.f;
+        }
+    }
+
+    uint32_t pa[BN / 16][4];
+    c_to_a<BN, T>(pa, s);
+    gemm_rs<D, BN, false>(acc, pa, cV, LD, 0);  // O += P V
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+  }
+
+  // Epilogue: normalise, write lse and o (via this warp's own Q rows in smem, 16-byte stores).
+  float out_scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const bool any = sum > 0.f;  // the row max contributes exp2(0) = 1 whenever a key is attended
+    out_scale[r] = any ? (has_dropout ? p.dropout_rescale : 1.f) / sum : 0.f;
+    const int i = row0 + r * 8;
+    if (t == 0 && i < nq) {
+      const float lse = any ? row_max[r] * kLn2 + logf(sum) : kInf;
+      if (split_out) p.lse_part[part_row + i] = any ? lse : -kInf;
+      else if (p.lse != nullptr) p.lse[bh_row + i] = lse;
+    }
+  }
+
+  if (split_out) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = row0 + r * 8;
+      if (i >= nq) continue;
+      float* dst = p.o_part + (part_row + i) * D;
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d)
+        *reinterpret_cast<float2*>(dst + d * 8 + 2 * t) =
+            make_float2(acc[d][2 * r] * out_scale[r], acc[d][2 * r + 1] * out_scale[r]);
+    }
+    return;
+  }
+
+  T* sO = sQ + warp * 16 * LD;  // only this warp ever read these Q rows
+#pragma unroll
+  for (int d = 0; d < D / 8; ++d)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(sO + (g + r * 8) * LD + d * 8 + 2 * t) =
+          pack2<T>(acc[d][2 * r] * out_scale[r], acc[d][2 * r + 1] * out_scale[r]);
+  __syncwarp();
+  for (int c = lane; c < 16 * (D / 8); c += 32) {
+    const int r = c / (D / 8), col = (c % (D / 8)) * 8, i = m0 + warp * 16 + r;
+    if (i < nq) *reinterpret_cast<uint4*>(out + i * p.o_l + col) = *reinterpret_cast<const uint4*>(sO + r * LD + col);
+  }
+}
+
+// o[b, i, h, :] = sum_s exp(lse_s - lse) o_s over the splits; one warp per (b, h, i) row.
+template <int D, typename T>
+__global__ void __launch_bounds__(kNumThreads) attention_combine_kernel(const Params p) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // (b, h, i) flattened
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % p.Lq);
+  const int h = static_cast<int>((row / p.Lq) % p.H);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(p.Lq) * p.H));
+  const int64_t split_rows = rows;  // stride between splits in lse_part (rows) / o_part (rows * D)
+
+  float mx = -kInf;
+  for (int s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, p.lse_part[s * split_rows + row]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  T* out = static_cast<T*>(p.o) + b * p.o_b + i * p.o_l + h * p.o_h;
+  if (mx == -kInf) {  // no key at all
+    for (int d = lane; d < D; d += 32) out[d] = from_float<T>(0.f);
+    return;
+  }
+  float denom = 0.f;
+  for (int s = lane; s < p.num_splits; s += 32) denom += exp2f((p.lse_part[s * split_rows + row] - mx) * kLog2e);
+  denom = warp_sum(denom);
+  float o[D / 32];
+#pragma unroll
+  for (int c = 0; c < D / 32; ++c) o[c] = 0.f;
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float w = exp2f((p.lse_part[s * split_rows + row] - mx) * kLog2e) / denom;  // 0 for empty splits
+    if (w == 0.f) continue;
+    const float* src = p.o_part + (s * split_rows + row) * D;
+#pragma unroll
+    for (int c = 0; c < D / 32; ++c) o[c] += w * src[c * 32 + lane];
+  }
+#pragma unroll
+  for (int c = 0; c < D / 32; ++c) out[c * 32 + lane] = from_float<T>(o[c]);
+}
+
+// Writes k_new / v_new rows i into the caches at row cache_seqlens[b] + i (rows >= Lmax dropped).
+template <typename T>
+__global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64_t kn_b, int64_t kn_l,
+                                           int64_t kn_h, const T* v_new, int64_t vn_b, int64_t vn_l,
+                                           int64_t vn_h, int nnew, int D) {
+  const int chunks = D / 8;
+  const int64_t total = static_cast<int64_t>(p.B) * nnew * p.H * chunks;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(idx % chunks) * 8;
+    const int h = static_cast<int>((idx / chunks) % p.H);
+    const int i = static_cast<int>((idx / (static_cast<int64_t>(chunks) * p.H)) % nnew);
+    const int b = static_cast<int>(idx / (static_cast<int64_t>(chunks) * p.H * nnew));
+    const int row = p.seqlens_k[b] + i;
+    if (row < 0 || row >= p.Lk) continue;
+    T* kc = const_cast<T*>(static_cast<const T*>(p.k)) + b * p.k_b + row * p.k_l + h * p.k_h + c;
+    T* vc = const_cast<T*>(static_cast<const T*>(p.v)) + b * p.v_b + row * p.v_l + h * p.v_h + c;
+    *reinterpret_cast<uint4*>(kc) = *reinterpret_cast<const uint4*>(k_new + b * kn_b + i * kn_l + h * kn_h + c);
+    *reinterpret_cast<uint4*>(vc) = *reinterpret_cast<const uint4*>(v_new + b * vn_b + i * vn_l + h * vn_h + c);
+  }
+}
+
+template <int D, typename T>
+fl_status launch_fwd(const Params& p, cudaStream_t stream) {
+  using Tr = Traits<D>;
+  constexpr int smem = fwd_smem_bytes<D, T>();
+  if (smem > 48 * 1024)
+    FL_CUDA_CHECK(cudaFuncSetAttribute(attention_fwd_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B * p.num_splits);
+  attention_fwd_kernel<D, T><<<grid, kNumThreads, smem, stream>>>(p);
+  FL_RETURN_IF_ERROR(check_launch("attention_fwd_kernel"));
+  if (p.num_splits > 1) {
+    const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
+    attention_combine_kernel<D, T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kNumThreads, 0, stream>>>(p);
+    FL_RETURN_IF_ERROR(check_launch("attention_combine_kernel"));
+  }
+  return FL_OK;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// Split count for the decode path: enough CTAs for ~2 waves, at most one split per key tile, from
+// sizes the host knows (Lmax, not the device-side lengths) so the launch is graph-capturable.
+fl_status kvcache_splits(int64_t B, int64_t Lq, int64_t H, int64_t D, int64_t Lmax, int* splits) {
+  int dev = 0, sms = 0;
+  FL_CUDA_CHECK(cudaGetDevice(&dev));
+  FL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t block_n = D <= 64 ? Traits<64>::kBlockN : Traits<128>::kBlockN;
+  const int64_t ctas = B * H * ((Lq + 63) / 64);
+  const int64_t tiles = (Lmax + block_n - 1) / block_n;
+  int64_t s = 1;
+  if (ctas < sms) s = (2 * sms + ctas - 1) / ctas;
+  s = std::min<int64_t>({s, tiles, 128, 65535 / std::max<int64_t>(B, 1)});
+  *splits = static_cast<int>(std::max<int64_t>(s, 1));
+  return FL_OK;
+}
+
+}  // namespace
+
+// Published in fl_build_info() so Python never re-states the list.
+static const bool g_registered = register_info("attention_head_dims", FL_ATTN_HEAD_DIMS_JSON);
+
+}  // namespace attn
+}  // namespace fl
+
+using fl::attn::Params;
+
+#define FL_ATTN_REQUIRE_ROWS(name, ptr, sb, sl, sh)                                                    \
+  FL_REQUIRE(ptr != nullptr, "%s: pointer is NULL", name);                                             \
+  FL_REQUIRE(fl::attn::aligned16(ptr), "%s: pointer must be 16-byte aligned, got %p", name, ptr);      \
+  FL_REQUIRE((sb) % 8 == 0 && (sl) % 8 == 0 && (sh) % 8 == 0,                                          \
+             "%s: (b, l, h) strides must be multiples of 8 elements (16-byte rows), got (%lld, %lld, %lld)", \
+             name, (long long)(sb), (long long)(sl), (long long)(sh))
+
+extern "C" fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
+                                      const void* k, int64_t k_b, int64_t k_l, int64_t k_h,
+                                      const void* v, int64_t v_b, int64_t v_l, int64_t v_h,
+                                      void* o, int64_t o_b, int64_t o_l, int64_t o_h, float* lse,
+                                      const uint8_t* key_padding_mask, int64_t kpm_b, int64_t kpm_l,
+                                      int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
+                                      float softmax_scale, int32_t causal, float dropout_p,
+                                      uint64_t seed, uint64_t offset, int32_t dtype, void* stream) {
+  FL_REQUIRE(B >= 0 && Lq >= 0 && Lk >= 0 && H >= 0, "fl_attention_fwd: sizes must be >= 0, got B=%lld Lq=%lld Lk=%lld H=%lld",
+             (long long)B, (long long)Lq, (long long)Lk, (long long)H);
+  FL_REQUIRE(B <= 65535 && H <= 65535 && Lq < (1ll << 31) && Lk < (1ll << 31),
+             "fl_attention_fwd: B and H must be <= 65535 and Lq, Lk < 2^31, got B=%lld H=%lld Lq=%lld Lk=%lld",
+             (long long)B, (long long)H, (long long)Lq, (long long)Lk);
+  FL_REQUIRE(dropout_p >= 0.f && dropout_p < 1.f, "fl_attention_fwd: dropout_p must be in [0, 1), got %g", dropout_p);
+  if (B == 0 || Lq == 0 || H == 0) return FL_OK;
+  FL_ATTN_REQUIRE_ROWS("fl_attention_fwd: q", q, q_b, q_l, q_h);
+  FL_ATTN_REQUIRE_ROWS("fl_attention_fwd: o", o, o_b, o_l, o_h);
+  FL_REQUIRE(lse != nullptr, "fl_attention_fwd: lse is NULL");
+  if (Lk > 0) {
+    FL_ATTN_REQUIRE_ROWS("fl_attention_fwd: k", k, k_b, k_l, k_h);
+    FL_ATTN_REQUIRE_ROWS("fl_attention_fwd: v", v, v_b, v_l, v_h);
+  }
+  Params p{};
+  p.q = q; p.q_b = q_b; p.q_l = q_l; p.q_h = q_h;
+  p.k = k; p.k_b = k_b; p.k_l = k_l; p.k_h = k_h;
+  p.v = v; p.v_b = v_b; p.v_l = v_l; p.v_h = v_h;
+  p.o = o; p.o_b = o_b; p.o_l = o_l; p.o_h = o_h;
+  p.lse = lse;
+  p.kpm = key_padding_mask; p.kpm_b = kpm_b; p.kpm_l = kpm_l;
+  p.B = (int)B; p.H = (int)H; p.Lq = (int)Lq; p.Lk = (int)Lk;
+  p.scale = softmax_scale; p.scale_log2 = softmax_scale * 1.442695040888963407f;
+  p.causal = causal != 0;
+  p.dropout_p = dropout_p; p.dropout_rescale = 1.f / (1.f - dropout_p);
+  p.seed = seed; p.offset = offset;
+  p.num_splits = 1;
+  cudaStream_t st = fl::as_stream(stream);
+  return FL_DISPATCH_HALF(dtype, "fl_attention_fwd", [&] {
+    return FL_ATTN_DISPATCH_HEAD_DIM(D, "fl_attention_fwd", [&] {
+      return fl::attn::launch_fwd<kHeadDim, scalar_t>(p, st);
+    });
+  });
+}
+
+extern "C" fl_status fl_attention_kvcache_workspace_size(int64_t B, int64_t Lq, int64_t H, int64_t D,
+                                                         int64_t Lmax, size_t* bytes) {
+  FL_REQUIRE(bytes != nullptr, "fl_attention_kvcache_workspace_size: bytes is NULL");
+  FL_REQUIRE(B >= 0 && Lq >= 0 && H >= 0 && D > 0 && Lmax >= 0,
+             "fl_attention_kvcache_workspace_size: sizes must be >= 0, got B=%lld Lq=%lld H=%lld D=%lld Lmax=%lld",
+             (long long)B, (long long)Lq, (long long)H, (long long)D, (long long)Lmax);
+  *bytes = 0;
+  if (B == 0 || Lq == 0 || H == 0) return FL_OK;
+  int splits = 1;
+  FL_RETURN_IF_ERROR(fl::attn::kvcache_splits(B, Lq, H, D, Lmax, &splits));
+  if (splits > 1) *bytes = static_cast<size_t>(splits) * B * H * Lq * (D + 1) * sizeof(float);
+  return FL_OK;
+}
+
+extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
+                                              void* k_cache, int64_t kc_b, int64_t kc_l, int64_t kc_h,
+                                              void* v_cache, int64_t vc_b, int64_t vc_l, int64_t vc_h,
+                                              const int32_t* cache_seqlens,
+                                              const void* k_new, int64_t kn_b, int64_t kn_l, int64_t kn_h,
+                                              const void* v_new, int64_t vn_b, int64_t vn_l, int64_t vn_h,
+                                              void* o, int64_t o_b, int64_t o_l, int64_t o_h,
+                                              void* workspace, size_t workspace_bytes,
+                                              int64_t B, int64_t Lq, int64_t Lmax, int64_t H, int64_t D,
+                                              float softmax_scale, int32_t causal, int32_t dtype, void* stream) {
+  FL_REQUIRE(B >= 0 && Lq >= 0 && Lmax >= 0 && H >= 0,
+             "fl_attention_kvcache_fwd: sizes must be >= 0, got B=%lld Lq=%lld Lmax=%lld H=%lld",
+             (long long)B, (long long)Lq, (long long)Lmax, (long long)H);
+  FL_REQUIRE(B <= 65535 && H <= 65535 && Lmax < (1ll << 31) && Lq < (1ll << 31),
+             "fl_attention_kvcache_fwd: B and H must be <= 65535 and Lq, Lmax < 2^31, got B=%lld H=%lld Lq=%lld Lmax=%lld",
+             (long long)B, (long long)H, (long long)Lq, (long long)Lmax);
+  FL_REQUIRE((k_new == nullptr) == (v_new == nullptr), "fl_attention_kvcache_fwd: k_new and v_new must both be given or both be NULL");
+  if (B == 0 || Lq == 0 || H == 0) return FL_OK;
+  FL_REQUIRE(cache_seqlens != nullptr, "fl_attention_kvcache_fwd: cache_seqlens is NULL");
+  FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: q", q, q_b, q_l, q_h);
+  FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: o", o, o_b, o_l, o_h);
+  if (Lmax > 0) {
+    FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: k_cache", k_cache, kc_b, kc_l, kc_h);
+    FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: v_cache", v_cache, vc_b, vc_l, vc_h);
+  }
+  if (k_new != nullptr) {
+    FL_REQUIRE(Lq <= Lmax, "fl_attention_kvcache_fwd: Lq (new rows) must be <= Lmax, got Lq=%lld Lmax=%lld",
+               (long long)Lq, (long long)Lmax);
+    FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: k_new", k_new, kn_b, kn_l, kn_h);
+    FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: v_new", v_new, vn_b, vn_l, vn_h);
+  }
+  int splits = 1;
+  FL_RETURN_IF_ERROR(fl::attn::kvcache_splits(B, Lq, H, D, Lmax, &splits));
+  size_t need = 0;
+  FL_RETURN_IF_ERROR(fl_attention_kvcache_workspace_size(B, Lq, H, D, Lmax, &need));
+  FL_REQUIRE(workspace_bytes >= need && (need == 0 || workspace != nullptr),
+             "fl_attention_kvcache_fwd: workspace must hold %zu bytes (fl_attention_kvcache_workspace_size), got %zu",
+             need, workspace_bytes);
+  FL_REQUIRE(need == 0 || fl::attn::aligned16(workspace), "fl_attention_kvcache_fwd: workspace must be 16-byte aligned");
+
+  Params p{};
+  p.q = q; p.q_b = q_b; p.q_l = q_l; p.q_h = q_h;
+  p.k = k_cache; p.k_b = kc_b; p.k_l = kc_l; p.k_h = kc_h;
+  p.v = v_cache; p.v_b = vc_b; p.v_l = vc_l; p.v_h = vc_h;
+  p.o = o; p.o_b = o_b; p.o_l = o_l; p.o_h = o_h;
+  p.lse = nullptr;
+  p.B = (int)B; p.H = (int)H; p.Lq = (int)Lq; p.Lk = (int)Lmax;
+  p.seqlens_k = cache_seqlens;
+  p.seqlens_add = k_new != nullptr ? (int)Lq : 0;
+  p.scale = softmax_scale; p.scale_log2 = softmax_scale * 1.442695040888963407f;
+  p.causal = causal != 0;
+  p.dropout_rescale = 1.f;
+  p.num_splits = splits;
+  if (splits > 1) {
+    p.o_part = static_cast<float*>(workspace);
+    p.lse_part = p.o_part + static_cast<size_t>(splits) * B * H * Lq * D;
+  }
+  cudaStream_t st = fl::as_stream(stream);
+  return FL_DISPATCH_HALF(dtype, "fl_attention_kvcache_fwd", [&] {
+    return FL_ATTN_DISPATCH_HEAD_DIM(D, "fl_attention_kvcache_fwd", [&] {
+      if (k_new != nullptr) {
+        const int64_t total = B * Lq * H * (kHeadDim / 8);
+        const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+        fl::attn::attention_append_kv_kernel<scalar_t><<<blocks, 256, 0, st>>>(
+            p, static_cast<const scalar_t*>(k_new), kn_b, kn_l, kn_h, static_cast<const scalar_t*>(v_new),
+            vn_b, vn_l, vn_h, (int)Lq, kHeadDim);
+        FL_RETURN_IF_ERROR(fl::check_launch("attention_append_kv_kernel"));
+      }
+      return fl::attn::launch_fwd<kHeadDim, scalar_t>(p, st);
+    });
+  });
+}

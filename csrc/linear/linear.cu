@@ -1,0 +1,220 @@
+// linear.cu -- C ABI of the linear layer with a fused epilogue (fl_linear_fwd, fl_linear_bwd_dx,
+// fl_linear_bwd_dw): argument checks, the choice of tile config and aligned/unaligned variant,
+// and compile-time dispatch on dtype and activation (written once, in run_gemm below).
+// All three entry points run the one kernel of linear_gemm.cuh; see it for layouts and the
+// fused epilogue / act' prologue. Never allocates, never synchronises, launches on `stream`.
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <string>
+
+#include "linear/linear_gemm.cuh"
+
+namespace fl {
+namespace linear {
+namespace {
+
+const bool kInfoRegistered = register_info(
+    "linear",
+    "{\"dtypes\": [\"float16\", \"bfloat16\"], \"activations\": [null, \"gelu\", \"gelu_tanh\", \"relu\"], "
+    "\"min_arch\": 80, \"tiles\": [[128, 128, 32], [64, 64, 32]]}");
+
+// Sizes are int inside the kernel (tile origins + tile size must not overflow).
+constexpr int64_t kMaxDim = INT_MAX - 1024;
+
+int sm_count() {
+  static std::atomic<int> cached[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 1;
+  if (dev < 64) {
+    int v = cached[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int n = 1;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) n = 1;
+  if (dev < 64) cached[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// An operand can be moved in 16-byte chunks when its base is 16-byte aligned and every stored
+// row starts 16-byte aligned (row stride a multiple of 8 elements; irrelevant with one row).
+bool chunk_aligned(const void* p, int64_t ld, int64_t stored_rows) {
+  return (reinterpret_cast<uintptr_t>(p) % 16 == 0) && (stored_rows <= 1 || ld % 8 == 0);
+}
+bool pair_aligned(const void* p, int64_t ld) {
+  return p == nullptr || ((reinterpret_cast<uintptr_t>(p) % 4 == 0) && ld % 2 == 0);
+}
+
+template <typename T, class Cfg, int MODE, int ACT, bool AK, bool BKM, bool ALIGNED>
+fl_status launch_one(const GemmParams& p, cudaStream_t stream, const char* name) {
+  using G = Gemm<T, Cfg, MODE, ACT, AK, BKM, ALIGNED>;
+  auto kernel = linear_gemm_kernel<T, Cfg, MODE, ACT, AK, BKM, ALIGNED>;
+  // The opt-in above 48 KiB of dynamic shared memory is per device; remember where it was set.
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
+  FL_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+  if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
+    FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(G::SMEM_BYTES)));
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  // At least one tile column, as in the kernel (row sums with N == 0).
+  const int64_t tiles = ((int64_t(p.M) + Cfg::BM - 1) / Cfg::BM) *
+                        std::max<int64_t>((int64_t(p.N) + Cfg::BN - 1) / Cfg::BN, 1);
+  FL_REQUIRE(tiles <= INT_MAX, "%s: %lld output tiles exceed the grid limit", name, (long long)tiles);
+  kernel<<<static_cast<unsigned>(tiles), Cfg::THREADS, G::SMEM_BYTES, stream>>>(p);
+  return check_launch(name);
+}
+
+// Tile choice: 128x128 tiles when they alone fill every SM once, else 64x64 (4x the CTAs for
+// small M or N, e.g. decode). Unaligned operands take the 64x64 element-wise-load variant.
+template <typename T, int MODE, int ACT, bool AK, bool BKM>
+fl_status launch_gemm(const GemmParams& p, bool aligned, cudaStream_t stream, const char* name) {
+  if (aligned) {
+    const int64_t big_tiles = ((int64_t(p.M) + 127) / 128) * ((int64_t(p.N) + 127) / 128);
+    if (big_tiles >= sm_count())
+      return launch_one<T, BigTile, MODE, ACT, AK, BKM, true>(p, stream, name);
+    return launch_one<T, SmallTile, MODE, ACT, AK, BKM, true>(p, stream, name);
+  }
+  return launch_one<T, SmallTile, MODE, ACT, AK, BKM, false>(p, stream, name);
+}
+
+// Runtime (dtype, activation) -> template parameters, for all three entry points.
+template <int MODE, bool AK, bool BKM>
+fl_status run_gemm(const GemmParams& p, bool aligned, int32_t activation, int32_t dtype,
+                   void* stream, const char* name) {
+  return FL_DISPATCH_HALF(dtype, name, [&] {
+    const cudaStream_t s = as_stream(stream);
+    switch (activation) {
+      case FL_ACT_NONE: return launch_gemm<scalar_t, MODE, FL_ACT_NONE, AK, BKM>(p, aligned, s, name);
+      case FL_ACT_GELU: return launch_gemm<scalar_t, MODE, FL_ACT_GELU, AK, BKM>(p, aligned, s, name);
+      case FL_ACT_GELU_TANH: return launch_gemm<scalar_t, MODE, FL_ACT_GELU_TANH, AK, BKM>(p, aligned, s, name);
+      case FL_ACT_RELU: return launch_gemm<scalar_t, MODE, FL_ACT_RELU, AK, BKM>(p, aligned, s, name);
+      default:
+        return set_error(FL_ERR_INVALID, std::string(name) +
+                                             ": activation must be 0 (none), 1 (gelu), 2 (gelu_tanh) or 3 (relu), got " +
+                                             std::to_string(activation));
+    }
+  });
+}
+
+}  // namespace
+}  // namespace linear
+}  // namespace fl
+
+using fl::linear::chunk_aligned;
+using fl::linear::GemmParams;
+using fl::linear::kMaxDim;
+using fl::linear::pair_aligned;
+
+#define FL_LINEAR_CHECK_SIZES(fn)                                                                   \
+  FL_REQUIRE(M >= 0 && M <= kMaxDim, fn ": M must be in [0, %lld], got %lld", (long long)kMaxDim, (long long)M); \
+  FL_REQUIRE(N >= 0 && N <= kMaxDim, fn ": N must be in [0, %lld], got %lld", (long long)kMaxDim, (long long)N); \
+  FL_REQUIRE(K >= 0 && K <= kMaxDim, fn ": K must be in [0, %lld], got %lld", (long long)kMaxDim, (long long)K); \
+  FL_REQUIRE(activation >= FL_ACT_NONE && activation <= FL_ACT_RELU,                               \
+             fn ": activation must be 0..3, got %d", (int)activation)
+
+#define FL_LINEAR_CHECK_STRIDE(fn, name, ld, rows, cols)                                            \
+  FL_REQUIRE((rows) <= 1 || (ld) >= (cols), fn ": " name " must be >= %lld (the row length), got %lld", \
+             (long long)(cols), (long long)(ld))
+
+extern "C" {
+
+FL_API fl_status fl_linear_fwd(const void* x, int64_t x_row_stride, const void* weight,
+                               int64_t weight_row_stride, const void* bias, const void* residual,
+                               int64_t residual_row_stride, void* y, int64_t y_row_stride, void* preact,
+                               int64_t preact_row_stride, int64_t M, int64_t N, int64_t K,
+                               int32_t activation, int32_t dtype, void* stream) {
+  const char* fn = "fl_linear_fwd";
+  FL_LINEAR_CHECK_SIZES("fl_linear_fwd");
+  if (M == 0 || N == 0) return FL_OK;
+  FL_REQUIRE(K == 0 || (x && weight), "fl_linear_fwd: x and weight must be non-null when K > 0");
+  FL_REQUIRE(y != nullptr, "fl_linear_fwd: y must be non-null");
+  FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "x_row_stride", x_row_stride, M, K);
+  FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "weight_row_stride", weight_row_stride, N, K);
+  FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "y_row_stride", y_row_stride, M, N);
+  if (residual) FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "residual_row_stride", residual_row_stride, M, N);
+  if (preact) FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "preact_row_stride", preact_row_stride, M, N);
+
+  GemmParams p{};
+  p.a = x; p.lda = x_row_stride;
+  p.b = weight; p.ldb = weight_row_stride;
+  p.c = y; p.ldc = y_row_stride;
+  p.bias = bias;
+  p.residual = residual; p.ldr = residual_row_stride;
+  p.preact_out = preact; p.ldp = preact_row_stride;
+  p.M = int(M); p.N = int(N); p.K = int(K);
+  p.pair_ok = pair_aligned(y, y_row_stride) && pair_aligned(residual, residual_row_stride) &&
+              pair_aligned(preact, preact_row_stride);
+  const bool aligned = chunk_aligned(x, x_row_stride, M) && chunk_aligned(weight, weight_row_stride, N);
+  return fl::linear::run_gemm<fl::linear::kForward, true, true>(p, aligned, activation, dtype, stream, fn);
+}
+
+FL_API fl_status fl_linear_bwd_dx(const void* dy, int64_t dy_row_stride, const void* preact,
+                                  int64_t preact_row_stride, const void* weight, int64_t weight_row_stride,
+                                  void* dx, int64_t dx_row_stride, int64_t M, int64_t N, int64_t K,
+                                  int32_t activation, int32_t dtype, void* stream) {
+  const char* fn = "fl_linear_bwd_dx";
+  FL_LINEAR_CHECK_SIZES("fl_linear_bwd_dx");
+  if (M == 0 || K == 0) return FL_OK;
+  FL_REQUIRE(dx != nullptr, "fl_linear_bwd_dx: dx must be non-null");
+  FL_REQUIRE(N == 0 || (dy && weight), "fl_linear_bwd_dx: dy and weight must be non-null when N > 0");
+  FL_REQUIRE(activation == FL_ACT_NONE || N == 0 || preact != nullptr,
+             "fl_linear_bwd_dx: preact must be non-null with activation %d", (int)activation);
+  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dx", "dy_row_stride", dy_row_stride, M, N);
+  if (activation != FL_ACT_NONE)
+    FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dx", "preact_row_stride", preact_row_stride, M, N);
+  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dx", "weight_row_stride", weight_row_stride, N, K);
+  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dx", "dx_row_stride", dx_row_stride, M, K);
+
+  // dx (M, K) = dz (M, N) @ W (N, K): GEMM (M, K, reduction N); A = dz K-major, B = W MN-major.
+  GemmParams p{};
+  p.a = dy; p.lda = dy_row_stride;
+  p.a_pre = activation != FL_ACT_NONE ? preact : nullptr; p.lda_pre = preact_row_stride;
+  p.b = weight; p.ldb = weight_row_stride;
+  p.c = dx; p.ldc = dx_row_stride;
+  p.M = int(M); p.N = int(K); p.K = int(N);
+  p.pair_ok = pair_aligned(dx, dx_row_stride);
+  const bool aligned = chunk_aligned(dy, dy_row_stride, M) &&
+                       (p.a_pre == nullptr || chunk_aligned(preact, preact_row_stride, M)) &&
+                       chunk_aligned(weight, weight_row_stride, N);
+  return fl::linear::run_gemm<fl::linear::kGradient, true, false>(p, aligned, activation, dtype, stream, fn);
+}
+
+FL_API fl_status fl_linear_bwd_dw(const void* dy, int64_t dy_row_stride, const void* preact,
+                                  int64_t preact_row_stride, const void* x, int64_t x_row_stride,
+                                  void* dweight, int64_t dweight_row_stride, void* dbias, int64_t M,
+                                  int64_t N, int64_t K, int32_t activation, int32_t dtype, void* stream) {
+  const char* fn = "fl_linear_bwd_dw";
+  FL_LINEAR_CHECK_SIZES("fl_linear_bwd_dw");
+  if (N == 0) return FL_OK;
+  FL_REQUIRE(dweight != nullptr, "fl_linear_bwd_dw: dweight must be non-null");
+  FL_REQUIRE(M == 0 || (dy && x), "fl_linear_bwd_dw: dy and x must be non-null when M > 0");
+  FL_REQUIRE(activation == FL_ACT_NONE || M == 0 || preact != nullptr,
+             "fl_linear_bwd_dw: preact must be non-null with activation %d", (int)activation);
+  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dw", "dy_row_stride", dy_row_stride, M, N);
+  if (activation != FL_ACT_NONE)
+    FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dw", "preact_row_stride", preact_row_stride, M, N);
+  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dw", "x_row_stride", x_row_stride, M, K);
+  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dw", "dweight_row_stride", dweight_row_stride, N, K);
+  if (K == 0 && dbias == nullptr) return FL_OK;
+  // With K == 0 the GEMM still runs (N x 0 output, no stores) so dbias gets its row sums.
+
+  // dW (N, K) = dz^T (N, M) @ x (M, K): GEMM (N, K, reduction M); A(n, m) = dz[m][n] (MN-major),
+  // B(k, m) = x[m][k] (MN-major). dbias (N,) = row sums of A, written by the same kernel.
+  GemmParams p{};
+  p.a = dy; p.lda = dy_row_stride;
+  p.a_pre = activation != FL_ACT_NONE ? preact : nullptr; p.lda_pre = preact_row_stride;
+  p.b = x; p.ldb = x_row_stride;
+  p.c = dweight; p.ldc = dweight_row_stride;
+  p.row_sum = dbias;
+  p.M = int(N); p.N = int(K); p.K = int(M);
+  p.pair_ok = pair_aligned(dweight, dweight_row_stride);
+  const bool aligned = chunk_aligned(dy, dy_row_stride, M) &&
+                       (p.a_pre == nullptr || chunk_aligned(preact, preact_row_stride, M)) &&
+                       chunk_aligned(x, x_row_stride, M);
+  return fl::linear::run_gemm<fl::linear::kGradient, false, false>(p, aligned, activation, dtype, stream, fn);
+}
+
+}  // extern "C"

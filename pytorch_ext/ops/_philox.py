@@ -1,0 +1,60 @@
+"""The attention dropout mask, in plain torch: the specification every backend reproduces bit for bit.
+
+For element (b, h, i, j) of the (B, H, Lq, Lk) probability matrix:
+    c    = offset + ((b*H + h)*Lq + i)*Lk + j                          (64-bit counter)
+    r    = philox4x32-10(key=(seed mod 2^32, seed >> 32), counter=(c mod 2^32, c >> 32, 0, 0))[0]
+    u    = (r >> 8) * 2^-24                                          (float32 in [0, 1), exact)
+    keep = u >= dropout_p
+Triton's tl.randint(seed, c) (int64 seed and counter) is exactly this Philox, and the CUDA kernels
+implement it as a device function, so the three backends drop the same elements for the same seed.
+The mask is never stored: the backward recomputes it from (seed, offset).
+
+Here the 32-bit arithmetic runs in int64 tensors: a product of two values below 2^32 wraps modulo
+2^64 in two's complement, so its low and high 32-bit halves are exact after masking.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+
+
+def philox_word0(seed: int, counter: torch.Tensor) -> torch.Tensor:
+    """Word 0 of philox4x32-10 for each int64 counter (as int64 values in [0, 2^32))."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c0 = counter & _M32
+    c1 = (counter >> 32) & _M32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
+    for _ in range(10):
+        p_b = _ROUND_B * c2  # wraps mod 2^64
+        p_a = _ROUND_A * c0
+        c0, c1, c2, c3 = (((p_b >> 32) & _M32) ^ c1 ^ k0, p_b & _M32,
+                          ((p_a >> 32) & _M32) ^ c3 ^ k1, p_a & _M32)
+        k0 = (k0 + _KEY_A) & _M32
+        k1 = (k1 + _KEY_B) & _M32
+    return c0
+
+
+def dropout_uniform(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, device,
+                    q_start: int = 0, q_stop: int | None = None) -> torch.Tensor:
+    """u of the spec for query rows [q_start, q_stop): (B, H, rows, Lk) float32."""
+    q_stop = Lq if q_stop is None else q_stop
+    b = torch.arange(B, device=device, dtype=torch.int64).view(B, 1, 1, 1)
+    h = torch.arange(H, device=device, dtype=torch.int64).view(1, H, 1, 1)
+    i = torch.arange(q_start, q_stop, device=device, dtype=torch.int64).view(1, 1, -1, 1)
+    j = torch.arange(Lk, device=device, dtype=torch.int64).view(1, 1, 1, Lk)
+    c = offset + ((b * H + h) * Lq + i) * Lk + j
+    r = philox_word0(seed, c)
+    return (r >> 8).to(torch.float32) * (2.0 ** -24)
+
+
+def dropout_keep_mask(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, dropout_p: float, device,
+                      q_start: int = 0, q_stop: int | None = None) -> torch.Tensor:
+    """keep mask of the spec: (B, H, rows, Lk) bool."""
+    u = dropout_uniform(seed, offset, B, H, Lq, Lk, device, q_start, q_stop)
+    return u >= torch.tensor(dropout_p, dtype=torch.float32, device=device)

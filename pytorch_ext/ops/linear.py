@@ -1,0 +1,245 @@
+"""fl.linear: y = act(x @ weight.T + bias) + residual, with the epilogue fused into the GEMM.
+
+    x: (..., K); weight: (N, K) as nn.Linear stores it; bias: (N,); residual: (..., N);
+    activation in {None, "gelu" (erf), "gelu_tanh" (GPT-2's gelu_new), "relu"}.
+
+The forward saves the pre-activation z = x @ W.T + b (in x's dtype) when an activation needs its
+derivative: re-computing z in the backward would cost a full GEMM (2MNK FLOPs) to save one (M, N)
+write + read; at transformer sizes (K >= 768) that GEMM costs far more than the bytes.
+The backward forms dz = dy * act'(z) inside the gradient GEMMs' operand loads, and d(residual) = dy.
+
+Same structure as ops/layer_norm.py: reference ("torch" backend, fp32 math), validation, eager
+path, custom ops for torch.compile.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import OpBackends
+from ._common import as_rows, check_like, check_tensor, empty_placeholder, needs_grad
+
+OP = "linear"
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+# ----------------------------------------------------------------------------- reference
+def _act(z: Tensor, activation):
+    if activation is None:
+        return z
+    if activation == "gelu":
+        return 0.5 * z * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+    if activation == "gelu_tanh":
+        return 0.5 * z * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    if activation == "relu":
+        return torch.clamp_min(z, 0.0)
+    raise AssertionError(activation)
+
+
+def _act_grad(z: Tensor, activation):
+    """d act / d z."""
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + z * pdf
+    if activation == "gelu_tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    raise AssertionError(activation)
+
+
+def _acc(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def linear_ref(x, weight, bias, activation, residual, save_preact):
+    """Reference forward on x (M, K): (y (M, N), preact (M, N) | None), fp32 math."""
+    acc = _acc(x)
+    z = x.to(acc) @ weight.to(acc).T                                                # (M, N)
+    if bias is not None:
+        z = z + bias.to(acc)
+    y = _act(z, activation)
+    if residual is not None:
+        y = y + residual.to(acc)
+    preact = z.to(x.dtype) if (save_preact and activation is not None) else None
+    return y.to(x.dtype), preact
+
+
+def linear_ref_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_dw):
+    """Reference backward: (dx (M, K) | None, dweight (N, K) | None, dbias (N,) | None)."""
+    acc = _acc(dy)
+    dz = dy.to(acc)
+    if activation is not None:
+        dz = dz * _act_grad(preact.to(acc), activation)
+    dx = (dz @ weight.to(acc)).to(x.dtype) if needs_dx else None
+    dw = (dz.T @ x.to(acc)).to(weight.dtype) if needs_dw else None
+    db = dz.sum(0).to(weight.dtype) if has_bias else None
+    return dx, dw, db
+
+
+class _TorchBackend:
+    linear_fwd = staticmethod(linear_ref)
+    linear_bwd = staticmethod(linear_ref_bwd)
+
+    @staticmethod
+    def unsupported_reason(x, weight):
+        return None
+
+
+BACKENDS = OpBackends(
+    OP,
+    {"torch": lambda: _TorchBackend, "triton": "fastlayers.kernels.linear", "cuda": "fastlayers.cuda_ops.linear"},
+    # Until GPU measurements rank them, the Triton kernels -- exercised in CI through the
+    # interpreter -- come first.
+    auto_order=("triton", "cuda"),
+)
+
+
+def _select(backend, x, weight):
+    def case_reason(name, mod):
+        if name != "torch" and x.dtype == torch.float64:
+            return "float64 runs on the torch backend only"
+        return mod.unsupported_reason(x, weight)
+    return BACKENDS.select(backend, x.device, case_reason)
+
+
+# ----------------------------------------------------------------------------- validation
+def _validate(x, weight, bias, activation, residual):
+    check_tensor(x, "x", min_dim=1)
+    check_tensor(weight, "weight", dim=2)
+    check_like(weight, "weight", x, "x")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x: in-features mismatch: x.shape[-1] = {x.shape[-1]} but weight is (N, K) = "
+                         f"{tuple(weight.shape)}")
+    if bias is not None:
+        check_like(bias, "bias", x, "x", shape=(N,))
+    if residual is not None:
+        check_like(residual, "residual", x, "x", shape=(*x.shape[:-1], N))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+# ----------------------------------------------------------------------------- eager path
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, activation, need_preact, name):
+        K = x.shape[-1]
+        N = weight.shape[0]
+        out_shape = (*x.shape[:-1], N)
+        x2 = as_rows(x, K)
+        r2 = as_rows(residual, N) if residual is not None else None
+        y, preact = BACKENDS.module(name).linear_fwd(x2, weight, bias, activation, r2, need_preact)
+        ctx.save_for_backward(x2, weight, preact)
+        ctx.meta = (activation, bias is not None, residual is not None, name, x.shape)
+        return y.view(out_shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, preact = ctx.saved_tensors
+        activation, has_bias, has_res, name, x_shape = ctx.meta
+        N = weight.shape[0]
+        dy2 = as_rows(dy, N)
+        needs_dx = ctx.needs_input_grad[0]
+        needs_dw = ctx.needs_input_grad[1]
+        dx, dw, db = BACKENDS.module(name).linear_bwd(dy2, x2, weight, preact, activation,
+                                                      has_bias and ctx.needs_input_grad[2], needs_dx, needs_dw)
+        dres = dy if (has_res and ctx.needs_input_grad[3]) else None
+        return (dx.view(x_shape) if dx is not None else None), dw, db, dres, None, None, None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
+           residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """act(x @ weight.T + bias) + residual in one kernel. x: (..., K); weight: (N, K); bias: (N,);
+    residual: (..., N); activation in {None, "gelu", "gelu_tanh", "relu"}. fp32 inputs run with
+    TF32 dot products in the Triton backend."""
+    if torch.compiler.is_compiling():
+        return _compiled(x, weight, bias, activation, residual, backend)
+    _validate(x, weight, bias, activation, residual)
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    name = _select(backend, x, weight)
+    BACKENDS.record(name)
+    if needs_grad(x, weight, bias, residual):
+        need_preact = activation is not None and needs_grad(x, weight, bias)
+        return _LinearFn.apply(x, weight, bias, residual, activation, need_preact, name)
+    K, N = x.shape[-1], weight.shape[0]
+    y, _ = BACKENDS.module(name).linear_fwd(as_rows(x, K), weight, bias, activation,
+                                            as_rows(residual, N) if residual is not None else None, False)
+    return y.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------- torch.compile path
+@torch.compiler.assume_constant_result
+def _resolve_for_trace(backend, device, dtype, K, N):
+    x = torch.empty((1, K), device=device, dtype=getattr(torch, dtype))
+    w = torch.empty((N, K), device=device, dtype=getattr(torch, dtype))
+    return _select(backend, x, w)
+
+
+def _compiled(x, weight, bias, activation, residual, backend):
+    _validate(x, weight, bias, activation, residual)
+    name = _resolve_for_trace(backend, str(x.device), str(x.dtype).replace("torch.", ""), x.shape[-1],
+                              weight.shape[0])
+    save_preact = activation is not None and needs_grad(x, weight, bias)
+    y, _ = torch.ops.fastlayers.linear_fwd(x, weight, bias, residual, activation, save_preact, name)
+    return y
+
+
+@torch.library.custom_op("fastlayers::linear_fwd", mutates_args=())
+def _linear_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                   activation: Optional[str], save_preact: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (y, preact); preact is a 0-element tensor when not saved."""
+    K, N = x.shape[-1], weight.shape[0]
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y, preact = BACKENDS.module(backend).linear_fwd(as_rows(x, K), weight, bias, activation,
+                                                    as_rows(residual, N) if residual is not None else None,
+                                                    save_preact)
+    out_shape = (*x.shape[:-1], N)
+    return y.view(out_shape), (preact.view(out_shape) if preact is not None else empty_placeholder(x))
+
+
+@_linear_fwd_op.register_fake
+def _(x, weight, bias, residual, activation, save_preact, backend):
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    preact = x.new_empty(out_shape) if (save_preact and activation is not None) else x.new_empty((0,))
+    return x.new_empty(out_shape), preact
+
+
+@torch.library.custom_op("fastlayers::linear_bwd", mutates_args=())
+def _linear_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, preact: Optional[Tensor], activation: Optional[str],
+                   has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    K, N = x.shape[-1], weight.shape[0]
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    dx, dw, db = BACKENDS.module(backend).linear_bwd(
+        as_rows(dy, N), as_rows(x, K), weight, as_rows(preact, N) if activation is not None else None,
+        activation, has_bias, True, True)
+    return dx.view(x.shape), dw, (db if db is not None else empty_placeholder(x))
+
+
+@_linear_bwd_op.register_fake
+def _(dy, x, weight, preact, activation, has_bias, backend):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), (weight.new_empty((weight.shape[0],))
+                                                                  if has_bias else x.new_empty((0,)))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, activation, save_preact, backend = inputs
+    y, preact = output
+    ctx.save_for_backward(x, weight, preact if activation is not None else None)
+    ctx.meta = (activation, bias is not None, residual is not None, backend)
+
+
+def _linear_backward(ctx, dy, dpreact):
+    x, weight, preact = ctx.saved_tensors
+    activation, has_bias, has_res, backend = ctx.meta
+    dx, dw, db = torch.ops.fastlayers.linear_bwd(dy, x, weight, preact, activation, has_bias, backend)
+    return dx, dw, (db if has_bias else None), (dy if has_res else None), None, None, None
+
+
+_linear_fwd_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)

@@ -1,0 +1,224 @@
+"""CUDA backend of linear (csrc/linear/, pytorch_ext/cuda_ops/linear.py), tested at the launchers.
+
+CPU test: the built library exports the linear entry points of _cuda.SIGNATURES.
+GPU tests (marker gpu; skipped without CUDA or without the library): forward and backward against an
+fp32 reference (TF32 off), tolerance "<= 2x PyTorch's own error at the same dtype" (tests/helpers).
+Shapes are chosen to hit every kernel variant: M = 1 / 7 (64x64 tiles, mostly-masked rows), 4096 and
+32768 (128x128 tiles), K or N not a multiple of 8 (element-wise-load variant, unpaired stores), K not
+a multiple of the 32-wide k tile, strided rows, and (K, N) up to 8192.
+"""
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlayers import _cuda
+from helpers import assert_close_rule
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
+DTYPES = (torch.float16, torch.bfloat16)
+LINEAR_SYMBOLS = [n for n in _cuda.SIGNATURES if n.startswith("fl_linear")]
+
+
+def test_library_exports_linear_symbols():
+    path = _cuda.library_path()
+    if not path.exists():
+        pytest.skip(f"{path} is not built")
+    lib = ctypes.CDLL(str(path))
+    assert LINEAR_SYMBOLS == ["fl_linear_fwd", "fl_linear_bwd_dx", "fl_linear_bwd_dw"]
+    missing = [n for n in LINEAR_SYMBOLS if not hasattr(lib, n)]
+    assert not missing, f"{path} lacks {missing}"
+
+
+def _cuda_ops():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    err = _cuda.load_error()
+    if err is not None:
+        pytest.skip(err)
+    from fastlayers.cuda_ops import linear
+    return linear
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # The fp32 reference must be true fp32.
+    if torch.cuda.is_available():
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32 = old
+    else:
+        yield
+
+
+def _act(z, activation):
+    if activation is None:
+        return z
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    return F.relu(z)
+
+
+def _act_grad(z, activation):
+    """d act / dz in fp32 (via autograd of torch's own activation)."""
+    if activation is None:
+        return torch.ones_like(z)
+    z = z.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(_act(z, activation).sum(), z)
+    return g
+
+
+def _rows(M, K, dtype, row_stride=None):
+    """(M, K) matrix of randn; with row_stride, a view into a wider buffer (strided rows)."""
+    if row_stride is None:
+        return torch.randn(M, K, device="cuda", dtype=dtype)
+    return torch.randn(M, row_stride, device="cuda", dtype=dtype)[:, :K]
+
+
+def _check_fwd(ops, M, K, N, dtype, activation, has_bias, has_res, x_stride=None):
+    x = _rows(M, K, dtype, x_stride)                                            # (M, K)
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)                  # (N, K)
+    b = torch.randn(N, device="cuda", dtype=dtype) if has_bias else None         # (N,)
+    r = torch.randn(M, N, device="cuda", dtype=dtype) if has_res else None       # (M, N)
+    y, preact = ops.linear_fwd(x, w, b, activation, r, True)
+    torch.cuda.synchronize()
+
+    z_ref = x.float() @ w.float().T + (b.float() if has_bias else 0.0)          # (M, N) fp32
+    y_ref = _act(z_ref, activation) + (r.float() if has_res else 0.0)
+    z_t = F.linear(x, w, b)                                                      # cuBLAS at dtype
+    y_t = _act(z_t, activation) + (r if has_res else 0.0)
+    assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
+    assert_close_rule(y, y_ref, y_t, what="y")
+    if activation is None:
+        assert preact is None
+    else:
+        assert_close_rule(preact, z_ref, z_t, what="preact")
+
+
+CASES_FULL = [  # (M, K, N): every activation x bias x residual x dtype
+    (1, 64, 64),
+    (7, 127, 129),     # K, N odd: element-wise loads, unpaired stores
+    (4096, 1000, 520),  # K % 32 != 0 (k tail), 16-byte rows
+    (4096, 768, 3072),  # 128x128 tiles
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("has_res", [False, True])
+@pytest.mark.parametrize("M,K,N", CASES_FULL)
+def test_linear_fwd(M, K, N, has_res, has_bias, activation, dtype):
+    _check_fwd(_cuda_ops(), M, K, N, dtype, activation, has_bias, has_res)
+
+
+CASES_BIG = [  # (M, K, N): selected epilogues on large / awkward shapes
+    (32768, 1024, 4096),
+    (4096, 8192, 8192),
+    (7, 8192, 8192),
+    (1, 4097, 8191),
+    (32768, 120, 33),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("M,K,N", CASES_BIG)
+def test_linear_fwd_big(M, K, N, activation, dtype):
+    _check_fwd(_cuda_ops(), M, K, N, dtype, activation, True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_stride", [136, 129])  # 16-byte rows (fast path) / odd rows (slow path)
+def test_linear_fwd_strided_x(x_stride, dtype):
+    _check_fwd(_cuda_ops(), 333, 128, 200, dtype, "relu", True, True, x_stride=x_stride)
+
+
+def _check_bwd(ops, M, K, N, dtype, activation, has_bias, needs_dx=True, needs_dw=True):
+    dy = torch.randn(M, N, device="cuda", dtype=dtype)                           # (M, N)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)                            # (M, K)
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)                  # (N, K)
+    preact = torch.randn(M, N, device="cuda", dtype=dtype) if activation else None  # (M, N)
+    dx, dw, db = ops.linear_bwd(dy, x, w, preact, activation, has_bias, needs_dx, needs_dw)
+    torch.cuda.synchronize()
+
+    dz = dy.float() * (_act_grad(preact, activation) if activation else 1.0)     # (M, N) fp32
+    dz_t = dz.to(dtype)                                                          # torch's dz at dtype
+    if needs_dx:
+        assert_close_rule(dx, dz @ w.float(), dz_t @ w, what="dx")
+    else:
+        assert dx is None
+    if needs_dw:
+        ref = dz.T @ x.float()
+        assert_close_rule(dw, ref, dz_t.T @ x, what="dweight", floor=2e-3 if dtype == torch.float16 else None)
+    else:
+        assert dw is None
+    if has_bias:
+        # torch's own error: the dtype dz summed in fp32, rounded once (a floor on tiny M).
+        assert_close_rule(db, dz.sum(0), dz_t.sum(0), what="dbias")
+    else:
+        assert db is None
+
+
+CASES_BWD = [
+    (1, 64, 64),
+    (7, 127, 129),
+    (0, 64, 48),        # M == 0: dweight and dbias are zeros
+    (4096, 1000, 520),
+    (4096, 768, 3072),
+    (300, 8192, 8192),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("M,K,N", CASES_BWD)
+def test_linear_bwd(M, K, N, has_bias, activation, dtype):
+    _check_bwd(_cuda_ops(), M, K, N, dtype, activation, has_bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(32768, 1024, 4096), (32768, 64, 33)])
+def test_linear_bwd_big(M, K, N, dtype):
+    _check_bwd(_cuda_ops(), M, K, N, dtype, "gelu_tanh", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("needs_dx,needs_dw", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("activation", [None, "gelu", "relu"])
+def test_linear_bwd_partial(needs_dx, needs_dw, activation):
+    _check_bwd(_cuda_ops(), 513, 256, 96, torch.bfloat16, activation, True, needs_dx, needs_dw)
+
+
+@pytest.mark.gpu
+def test_linear_bwd_deterministic():
+    ops = _cuda_ops()
+    dy = torch.randn(4099, 384, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4099, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(384, 256, device="cuda", dtype=torch.bfloat16)
+    z = torch.randn(4099, 384, device="cuda", dtype=torch.bfloat16)
+    a = ops.linear_bwd(dy, x, w, z, "gelu", True, True, True)
+    b = ops.linear_bwd(dy, x, w, z, "gelu", True, True, True)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.gpu
+def test_linear_unsupported_reason():
+    ops = _cuda_ops()
+    x = torch.randn(4, 8, device="cuda", dtype=torch.float16)
+    w = torch.randn(8, 8, device="cuda", dtype=torch.float16)
+    assert ops.unsupported_reason(x, w) is None
+    assert "float32" in ops.unsupported_reason(x.float(), w.float())
+    assert ops.unsupported_reason(x.cpu(), w.cpu()) is not None
