@@ -47,7 +47,7 @@ def jobs(cfg: Config) -> list[Job]:
     out: list[Job] = []
     el = torch.tensor([], dtype=cfg.dtype).element_size()
     liger_ln, liger_why = optional("liger_kernel.ops.layer_norm") if cfg.gpu else (None, None)
-    liger_rms, _ = optional("liger_kernel.ops.rms_norm") if cfg.gpu else (None, None)
+    liger_rms, liger_rms_why = optional("liger_kernel.ops.rms_norm") if cfg.gpu else (None, None)
     apex_ln, apex_why = optional("apex.normalization.fused_layer_norm") if cfg.gpu else (None, None)
     for rms in (False, True):
         kind = "rms" if rms else "layer"
@@ -77,7 +77,7 @@ def jobs(cfg: Config) -> list[Job]:
                     continue
                 out.append(Job(impl="torch.compile", build=_compiled_call(eager), **common))
                 if not residual:
-                    out.append(_liger_job(rms, liger_ln, liger_rms, liger_why, common))
+                    out.append(_liger_job(rms, liger_ln, liger_rms, liger_rms_why if rms else liger_why, common))
                     out.append(_apex_job(rms, apex_ln, apex_why, common))
     out += host_jobs(cfg)
     return out

@@ -1,6 +1,7 @@
-"""`fastlayers bench`: measures the card's peaks, then every selected op group, printing a table per
-group and writing its JSON (and PNG) as soon as the group is done, so a run cut short keeps what it
-measured. Without a CUDA GPU it times a tiny CPU configuration of the torch backend (seconds).
+"""`fastlayers bench`: measures the card's peaks, then every selected op group, then prints a table
+per group and writes its JSON (and PNG). torch.compile rows run last, after every group's other rows,
+and each group's JSON is already written before them, so a run cut short (--max-seconds, a kill)
+keeps what it measured. Without a CUDA GPU it times a tiny CPU configuration of the torch backend.
 Exit status: 0, or 1 when a fastlayers row ended in "error: ..." (a kernel or dispatch failure;
 "unsupported"/"not available" rows and failing third-party baselines do not count).
 """
@@ -99,19 +100,27 @@ def _run(args, argv, groups, gpu, device, cfg) -> int:
             env["peaks_error"] = short_message(e)
             print(f"peak measurement failed ({short_message(e)}): no fractions of peak", flush=True)
 
-    jobs_by_group = {}
+    # Two phases: every group's fast rows first, then the torch.compile rows (each compiles for
+    # seconds), so a time budget cuts compiles before it cuts any group. Each group's JSON is
+    # written after phase 1 (compile rows pending) and rewritten after phase 2.
+    phases = {g: ([], []) for g in groups}
     for g in groups:
-        jobs = GROUPS[g].jobs(cfg)
-        # torch.compile rows (slow to build) last, so a time budget cuts them before anything else
-        jobs.sort(key=lambda j: j.impl.startswith("torch.compile"))
-        jobs_by_group[g] = jobs
-    progress = Progress(sum(len(j) for j in jobs_by_group.values()))
+        for job in GROUPS[g].jobs(cfg):
+            phases[g][1 if job.impl.startswith("torch.compile") else 0].append(job)
+    progress = Progress(sum(len(a) + len(b) for a, b in phases.values()))
     runner = Runner(device, args.quick, peaks, max_seconds=args.max_seconds)
     out_dir = Path(args.out)
+    rows_by_group = {}
+    for g in groups:
+        rows_by_group[g] = run_jobs(runner, phases[g][0], progress)
+        if phases[g][1]:
+            pending = _placeholder_rows(phases[g][1], "skipped: pending (torch.compile rows run last)")
+            report.write_json(out_dir, g, env, peaks, _table_order(rows_by_group[g] + pending), slug)
+    for g in groups:
+        rows_by_group[g] += run_jobs(runner, phases[g][1], progress)
     failed = []
     for g in groups:
-        rows = run_jobs(runner, jobs_by_group[g], progress)
-        rows = _table_order(rows)
+        rows = _table_order(rows_by_group[g])
         print(f"\n== {g} ({env['card']}, {env['dtype']}) ==", flush=True)
         print(report.format_table(g, rows), flush=True)
         paths = report.write_json(out_dir, g, env, peaks, rows, slug)
@@ -127,6 +136,13 @@ def _run(args, argv, groups, gpu, device, cfg) -> int:
                   f"{r['status']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _placeholder_rows(jobs, status: str) -> list[dict]:
+    return [{"group": j.group, "case": dict(j.case), "variant": j.variant, "impl": j.impl, "unit": j.unit,
+             "work": j.work, "time_ms": None, "rate": None, "fraction_of_peak": None, "peak": j.peak,
+             "speedup_vs_eager": None, "backend_ran": None, "max_abs_diff_vs_eager": None,
+             "reference": False, "status": status} for j in jobs]
 
 
 def _table_order(rows: list[dict]) -> list[dict]:

@@ -8,8 +8,9 @@ allocated here with torch.empty on the input's device. Statistics in fp32; mean 
 when rms; rstd (rows,) fp32. dweight/dbias: every backward program owns a contiguous group of rows and
 writes one fp32 partial row into a (programs, cols) buffer; torch's .sum(0) over that buffer (a fixed
 reduction order) finishes them, so they are bitwise reproducible run to run on one device.
-Rows of up to _MAX_BLOCK columns are held whole in registers; longer rows are walked in chunks
-(forward: chunked Welford, then a second pass; backward: a row-sums kernel, then column tiles).
+Rows of up to _MAX_BLOCK (backward: _MAX_BLOCK_BWD) columns are held whole in registers; longer
+rows are walked in chunks (forward: chunked Welford, then a second pass; backward: a row-sums
+kernel, then column tiles: two reads of s and dy).
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (fp32/fp16).
 Callers: pytorch_ext/ops/layer_norm.py (validation, autograd) and tests.
 """
@@ -24,11 +25,15 @@ import triton.language as tl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Longest row (elements) one program holds in registers; longer rows are walked in chunks of this.
+# The backward holds ~6 values per element (s, dy, xhat, w*dy and two partial sums), hence less.
 _MAX_BLOCK = 16384
+_MAX_BLOCK_BWD = 8192
 # Small rows: several rows per program, up to this many elements a tile.
 _TILE_ELEMS = 4096
-# Column tile of the backward for rows longer than _MAX_BLOCK.
-_COL_TILE = 4096
+# Chunk of the forward's and the row-sums kernel's walk along rows longer than the above.
+_CHUNK = 4096
+# Column tile of the backward for rows longer than _MAX_BLOCK_BWD.
+_COL_TILE = 2048
 
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
@@ -211,9 +216,10 @@ def _layer_norm_bwd_kernel(
         tl.store(DB + out, db, mask=cmask)
 
 
-def _num_warps(tile_elems: int) -> int:
-    # ~16 fp32 values a thread: a tile of 512 elements per warp, 1..16 warps.
-    return max(1, min(16, tile_elems // 512))
+def _num_warps(tile_elems: int, elems_per_thread: int, max_warps: int) -> int:
+    # Sized so no variant spills on sm_90 (checked with ptxas -v): the forward keeps ~2 fp32 values
+    # per element live (16 a thread), the backward ~6 (8 a thread, up to 32 warps for 8192 columns).
+    return max(1, min(max_warps, tile_elems // (32 * elems_per_thread)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,9 +235,9 @@ def _programs_cap(t: torch.Tensor) -> int:
     return 4 * _sm_count(idx)
 
 
-def _tile(cols: int) -> tuple[int, int]:
+def _tile(cols: int, max_block: int) -> tuple[int, int]:
     """(ROWS, BLOCK) of a program: the row whole when it fits, several short rows per program."""
-    block = min(triton.next_power_of_2(cols), _MAX_BLOCK)
+    block = min(triton.next_power_of_2(cols), max_block)
     rows = max(1, min(16, _TILE_ELEMS // block))
     return rows, block
 
@@ -245,7 +251,10 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)  # (rows,)
     if rows == 0:
         return y, residual_out, mean, rstd
-    n_rows, block = _tile(cols)
+    n_rows, block = _tile(cols, _MAX_BLOCK)
+    single = cols <= block
+    if not single:
+        block = min(_CHUNK, block)
     # Absent tensors: pass y (never dereferenced; the constexpr flags compile their loads out).
     _layer_norm_fwd_kernel[(triton.cdiv(rows, n_rows),)](
         x, residual if residual is not None else x, weight if weight is not None else y,
@@ -255,7 +264,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
         residual_out.stride(0) if residual_out is not None else 0,
         rows, cols, float(eps),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=bool(rms),
-        ROWS=n_rows, BLOCK=block, SINGLE=cols <= block, num_warps=_num_warps(n_rows * block),
+        ROWS=n_rows, BLOCK=block, SINGLE=single, num_warps=_num_warps(n_rows * block, 16, 16),
     )
     return y, residual_out, mean, rstd
 
@@ -269,7 +278,7 @@ def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, has_bias: bool, rms
     if rows == 0:
         zeros = lambda: torch.zeros((cols,), dtype=pdtype, device=s.device)  # noqa: E731
         return ds, zeros() if need_dw else None, zeros() if need_db else None
-    n_rows, block = _tile(cols)
+    n_rows, block = _tile(cols, _MAX_BLOCK_BWD)
     split = cols > block  # column tiles + precomputed row sums
     if split:
         n_rows, block = 1, min(_COL_TILE, block)
@@ -277,7 +286,7 @@ def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, has_bias: bool, rms
         _layer_norm_bwd_row_sums_kernel[(rows,)](
             dy, s, weight if weight is not None else s, mean if mean is not None else rstd, rstd, sums,
             dy.stride(0), s.stride(0), rows, cols,
-            HAS_W=weight is not None, RMS=bool(rms), BLOCK=_MAX_BLOCK, num_warps=16)
+            HAS_W=weight is not None, RMS=bool(rms), BLOCK=_CHUNK, num_warps=_num_warps(_CHUNK, 8, 16))
     else:
         sums = rstd  # unused
     col_tiles = triton.cdiv(cols, block)
@@ -294,7 +303,7 @@ def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, has_bias: bool, rms
         dy.stride(0), s.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0, ds.stride(0),
         rows, cols, rows_per_prog,
         HAS_W=weight is not None, HAS_DRES=dresidual_out is not None, NEED_DW=need_dw, NEED_DB=need_db,
-        RMS=bool(rms), HAS_SUMS=split, ROWS=n_rows, BLOCK=block, num_warps=_num_warps(n_rows * block),
+        RMS=bool(rms), HAS_SUMS=split, ROWS=n_rows, BLOCK=block, num_warps=_num_warps(n_rows * block, 8, 32),
     )
     # torch's sum over dim 0 of a fixed-shape fp32 tensor reduces in a fixed order: deterministic.
     dweight = dw_part.sum(0).to(pdtype) if need_dw else None  # (cols,)

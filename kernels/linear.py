@@ -41,7 +41,6 @@ Design decisions
   small kernel sums them in a fixed order (deterministic) and casts.
 """
 import functools
-import math
 import os
 
 import torch
@@ -53,9 +52,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
 _ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +339,7 @@ def _gemm_config(M, N, K, elem_bytes, arch, num_sms, heavy):
         cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64 if fp32 else 128, GROUP_M=8, num_warps=4,
                    num_stages=4)
     elif fp32:
-        cfg = (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4) if heavy
+        cfg = (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4) if heavy
                else dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3))
     elif arch >= 9:
         big = not heavy and M >= 1024 and N >= 1024
@@ -493,7 +489,7 @@ def _linear_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_dw,
             if N == 0:
                 dx.zero_()
             else:
-                cfg = cfg_dx or _gemm_config(M, K, N, x.element_size(), arch, num_sms, act != 0)
+                cfg = cfg_dx or _gemm_config(M, K, N, x.element_size(), arch, num_sms, True)
                 tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"])
                 _linear_bwd_dx_kernel[_grid(cfg, tiles, num_sms)](
                     dy, z, weight, dx, M, N, K, dy.stride(0), z.stride(0), weight.stride(0),
@@ -520,7 +516,9 @@ def _linear_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_dw,
 def _launch_dw(dy, z, x, dw, db, act, M, N, K, arch, num_sms, upcast, precision, cfg, split):
     # The dW GEMM is (N x K) with reduction M: the config's (BLOCK_M, BLOCK_N, BLOCK_K) are used as
     # (N tile, K tile, M step).
-    cfg = cfg or _gemm_config(N, K, M, x.element_size(), arch, num_sms, act != 0)
+    # Always "heavy": dz is built in registers (not streamed from shared memory), and ptxas spills
+    # 128x256 tiles of both gradient GEMMs even without an activation.
+    cfg = cfg or _gemm_config(N, K, M, x.element_size(), arch, num_sms, True)
     if split is None:
         split, rows = _split_m(M, N, K, tuple(sorted(cfg.items())), num_sms)
     else:

@@ -3,7 +3,7 @@
   fastlayers bench [--ops norm,attention,linear] [--quick] [--out DIR] [--backends ...] [--dtype bf16]
                    [--no-plot] [--max-seconds S]     measure (see fastlayers.bench.run)
   fastlayers info                                    backends, CUDA library build info, versions
-Heavy imports (torch, the harness) happen inside the subcommands, so `fastlayers --help` is instant.
+`python -m fastlayers.cli ...` is the same command (benchmarks/gpu_check.sh uses it: no PATH assumptions).
 """
 from __future__ import annotations
 

@@ -142,7 +142,9 @@ def test_triton_interpreter_matches_fp64(cols, rows, dtype, nan_outputs):
 def test_triton_interpreter_long_rows_path(variant, monkeypatch, nan_outputs):
     # Shrink the register budget so 4097 columns take the chunked forward and column-tiled backward.
     monkeypatch.setattr(tri, "_MAX_BLOCK", 1024)
+    monkeypatch.setattr(tri, "_MAX_BLOCK_BWD", 1024)
     monkeypatch.setattr(tri, "_COL_TILE", 256)
+    monkeypatch.setattr(tri, "_CHUNK", 512)
     run_and_check(tri, 5, 4097, torch.float32, variant)
 
 
@@ -219,3 +221,44 @@ def test_gpu_dweight_bitwise_deterministic(backend, shape):
         again = mod.layer_norm_bwd(dy, ro, weight, mean, rstd, dres, True, rms)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ C ABI checks that need no GPU
+def _lib_or_skip():
+    from fastlayers import _cuda
+    if _cuda.load_error() is not None:
+        pytest.skip(f"libfastlayers_cuda not loadable: {_cuda.load_error()}")
+    return _cuda
+
+
+def test_cuda_abi_validation_without_gpu():
+    # Argument checks run before any CUDA call; fake non-NULL pointers are never dereferenced.
+    import ctypes
+    _cuda = _lib_or_skip()
+    lib = _cuda.lib()
+    assert _cuda.workspace_size("fl_layer_norm_bwd_workspace_size", 0, 1000) == 0
+    small = _cuda.workspace_size("fl_layer_norm_bwd_workspace_size", 17, 1000)
+    large = _cuda.workspace_size("fl_layer_norm_bwd_workspace_size", 17, 65536)
+    assert 0 < small < large
+    p = 4096  # a fake, aligned device address
+    # rows == 0: nothing to launch.
+    assert lib.fl_layer_norm_fwd(p, 8, None, 0, None, None, p, 8, None, 0, p, p, 0, 8,
+                                 ctypes.c_float(1e-5), 0, 0, None) == 0
+    cases = [
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 65537, 1e-5, 0, 0), b"cols"),
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, -1.0, 0, 0), b"eps"),
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 2, 0), b"rms"),
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 0, 7), b"dtype"),
+        ((p, 8, p, 8, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 0, 0), b"residual_out"),
+        ((p, 8, None, 0, None, None, p, 4, None, 0, p, p, 4, 8, 1e-5, 0, 0), b"y_row_stride"),
+    ]
+    for args, word in cases:
+        assert lib.fl_layer_norm_fwd(*args[:14], ctypes.c_float(args[14]), *args[15:], None) != 0
+        assert word in lib.fl_last_error(), lib.fl_last_error()
+    # Backward: a workspace one byte short is refused, naming the argument.
+    assert lib.fl_layer_norm_bwd(p, 1000, p, 1000, p, p, p, None, 0, p, 1000, p, None, p, small - 1,
+                                 17, 1000, 0, 0, None) != 0
+    assert b"workspace_bytes" in lib.fl_last_error()
+    assert lib.fl_layer_norm_bwd(p, 1000, p, 1000, p, None, p, None, 0, p, 1000, p, None, p, small,
+                                 17, 1000, 0, 0, None) != 0
+    assert b"mean" in lib.fl_last_error()

@@ -77,8 +77,10 @@ def _inputs(M, K, N, dtype, has_bias, has_residual, device=DEVICE, seed=0):
     x = wide.to(device=device, dtype=dtype)[:, 3:3 + K]                           # (M, K)
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device=device, dtype=dtype)  # (N, K)
     b = torch.randn(N, generator=g).to(device=device, dtype=dtype) if has_bias else None
-    r = torch.randn(M, N, generator=g).to(device=device, dtype=dtype) if has_residual else None
-    dy = torch.randn(M, N, generator=g).to(device=device, dtype=dtype)          # (M, N)
+    # residual and dy are column slices too (row strides N + 3 and N + 1).
+    r = (torch.randn(M, N + 3, generator=g).to(device=device, dtype=dtype)[:, 2:2 + N]
+         if has_residual else None)                                             # (M, N)
+    dy = torch.randn(M, N + 1, generator=g).to(device=device, dtype=dtype)[:, 1:]  # (M, N)
     return x, w, b, r, dy
 
 

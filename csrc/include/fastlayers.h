@@ -132,7 +132,8 @@ FL_API fl_status fl_attention_kvcache_workspace_size(int64_t B, int64_t Lq, int6
  * cache_seqlens[b] .. cache_seqlens[b] + Lq - 1 from k_new, v_new (B, Lq, H, D) when those are
  * given (both or neither); q then attends keys 0 .. cache_seqlens[b] (+ Lq with new keys) - 1,
  * bottom-right causal when causal != 0.  cache_seqlens (B,) int32 stays on the device (no host
- * sync; the launch sequence depends on host sizes only, so it is CUDA-graph capturable). */
+ * sync; the launch sequence depends on host sizes only, so it is CUDA-graph capturable); the caller
+ * keeps cache_seqlens[b] + Lq <= Lmax (rows past Lmax are neither written nor attended). */
 FL_API fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
                                           void* k_cache, int64_t kc_b, int64_t kc_l, int64_t kc_h,
                                           void* v_cache, int64_t vc_b, int64_t vc_l, int64_t vc_h,

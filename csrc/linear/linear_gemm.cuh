@@ -44,6 +44,8 @@ struct TileConfig {
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MI = WM / 16, NI = WN / 8;
   static constexpr int PAD = 8;  // elements (16 bytes) of padding per smem row
+  // CTAs per SM the register budget must allow (<= 128 registers a thread: 2 x 256 or 4 x 128).
+  static constexpr int MIN_CTAS = 512 / THREADS;
   static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile must be a multiple of 16x16");
 };
 using BigTile = TileConfig<128, 128, 4, 2>;   // 256 threads, warp tile 32x64
@@ -286,7 +288,7 @@ struct Gemm {
 };
 
 template <typename T, class Cfg, int MODE, int ACT, bool A_KMAJOR, bool B_KMAJOR, bool ALIGNED>
-__global__ void __launch_bounds__(Cfg::THREADS)
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
 linear_gemm_kernel(const GemmParams p) {
   using G = Gemm<T, Cfg, MODE, ACT, A_KMAJOR, B_KMAJOR, ALIGNED>;
   using SA = typename G::SA;

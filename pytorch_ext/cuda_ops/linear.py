@@ -65,6 +65,15 @@ def _act_code(activation) -> int:
         raise ValueError(f"activation: expected one of {tuple(_cuda.ACTIVATION_CODES)}, got {activation!r}") from None
 
 
+def _call(name: str, device: torch.device, *args) -> None:
+    # Kernels launch on the current device; make it the tensors' one (their stream lives there).
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            _cuda.call(name, *args)
+    else:
+        _cuda.call(name, *args)
+
+
 def _row_stride(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.stride(0)
 
@@ -85,11 +94,11 @@ def linear_fwd(x, weight, bias, activation, residual, save_preact: bool):
         raise ValueError(f"bias: the CUDA linear kernels need a contiguous bias, got stride {bias.stride()}")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)  # (M, N)
     preact = torch.empty_like(y) if (save_preact and activation is not None) else None  # (M, N)
-    _cuda.call("fl_linear_fwd",
-               _cuda.ptr(x), x.stride(0), _cuda.ptr(weight), weight.stride(0), _cuda.ptr(bias),
-               _cuda.ptr(residual), _row_stride(residual), _cuda.ptr(y), y.stride(0),
-               _cuda.ptr(preact), _row_stride(preact), M, N, K, _act_code(activation),
-               _cuda.dtype_code(x), _cuda.stream(x))
+    _call("fl_linear_fwd", x.device,
+          _cuda.ptr(x), x.stride(0), _cuda.ptr(weight), weight.stride(0), _cuda.ptr(bias),
+          _cuda.ptr(residual), _row_stride(residual), _cuda.ptr(y), y.stride(0),
+          _cuda.ptr(preact), _row_stride(preact), M, N, K, _act_code(activation),
+          _cuda.dtype_code(x), _cuda.stream(x))
     return y, preact
 
 
@@ -116,17 +125,17 @@ def linear_bwd(dy, x, weight, preact, activation, has_bias: bool, needs_dx: bool
     dx = dweight = dbias = None
     if needs_dx:
         dx = torch.empty((M, K), dtype=x.dtype, device=dy.device)  # (M, K)
-        _cuda.call("fl_linear_bwd_dx",
-                   _cuda.ptr(dy), dy.stride(0), _cuda.ptr(preact), _row_stride(preact),
-                   _cuda.ptr(weight), weight.stride(0), _cuda.ptr(dx), dx.stride(0),
-                   M, N, K, act, _cuda.dtype_code(dy), _cuda.stream(dy))
+        _call("fl_linear_bwd_dx", dy.device,
+              _cuda.ptr(dy), dy.stride(0), _cuda.ptr(preact), _row_stride(preact),
+              _cuda.ptr(weight), weight.stride(0), _cuda.ptr(dx), dx.stride(0),
+              M, N, K, act, _cuda.dtype_code(dy), _cuda.stream(dy))
     if needs_dw:
         dweight = torch.empty((N, K), dtype=weight.dtype, device=dy.device)  # (N, K)
         dbias = torch.empty((N,), dtype=weight.dtype, device=dy.device) if has_bias else None  # (N,)
-        _cuda.call("fl_linear_bwd_dw",
-                   _cuda.ptr(dy), dy.stride(0), _cuda.ptr(preact), _row_stride(preact),
-                   _cuda.ptr(x), x.stride(0), _cuda.ptr(dweight), dweight.stride(0), _cuda.ptr(dbias),
-                   M, N, K, act, _cuda.dtype_code(dy), _cuda.stream(dy))
+        _call("fl_linear_bwd_dw", dy.device,
+              _cuda.ptr(dy), dy.stride(0), _cuda.ptr(preact), _row_stride(preact),
+              _cuda.ptr(x), x.stride(0), _cuda.ptr(dweight), dweight.stride(0), _cuda.ptr(dbias),
+              M, N, K, act, _cuda.dtype_code(dy), _cuda.stream(dy))
     elif has_bias:
         dbias = _bias_grad_only(dy, preact, activation, weight.dtype)
     return dx, dweight, dbias
