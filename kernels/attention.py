@@ -319,7 +319,7 @@ if triton is not None:
             # key of the tile is visible, so those query tiles need no per-element mask.
             m_lo = (tl.maximum(n0 - diag, 0) // BLOCK_M) * BLOCK_M
             m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-            m_full = tl.minimum(tl.maximum(m_full, m_lo), Lq)
+            m_full = tl.minimum(tl.maximum(m_full - BLOCK_M, m_lo), Lq)
         else:
             m_lo = 0
             m_full = 0
@@ -557,14 +557,18 @@ def _fwd_config(block_d: int, hopper: bool, dropout: bool):
 
 @functools.lru_cache(maxsize=None)
 def _bwd_config(block_d: int, hopper: bool):
-    """((BLOCK_M, BLOCK_N) for dk/dv, (BLOCK_M, BLOCK_N) for dq, num_warps, num_stages)."""
+    """((BLOCK_M, BLOCK_N, num_warps) of dk/dv, (BLOCK_M, BLOCK_N, num_warps) of dq, num_stages).
+
+    dk/dv holds two fp32 (BLOCK_N x D) accumulators plus k, v: 8 warps is what keeps it off the
+    local-memory spill path (ptxas, sm_80/sm_90a, with dropout). Not yet tuned by timing.
+    """
     if _INTERPRET:
-        return (16, 16), (16, 16), 4, 1
+        return (16, 16, 4), (16, 16, 4), 1
     if block_d <= 64:
-        return (32, 128), (128, 32), 4, (3 if hopper else 2)
+        return (32, 128, 8), (128, 32, 8), (3 if hopper else 2)
     if block_d <= 128:
-        return (32, 64), (64, 32), 4, 2
-    return (16, 32), (32, 16), 4, 1
+        return (32, 64, 8), (128, 32, 8), 2
+    return (32, 32, 8), (32, 32, 8), 1
 
 
 def _decode_config(block_d: int, Lq: int):
@@ -649,7 +653,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
     if Lq == 0:
         return dq, dk.zero_(), dv.zero_()
     block_d = _block_d(D)
-    (BM1, BN1), (BM2, BN2), warps, stages = _bwd_config(block_d, _is_hopper(q.device))
+    (BM1, BN1, warps1), (BM2, BN2, warps2), stages = _bwd_config(block_d, _is_hopper(q.device))
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # (B, H, Lq)
     _attn_bwd_preprocess_kernel[(triton.cdiv(Lq, 64 if not _INTERPRET else 16), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -662,19 +666,19 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
               1.0 / (1.0 - dropout_p) if has_drop else 1.0, seed_lo, seed_hi, int(offset))
     flags = dict(HEAD_D=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal),
                  HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=has_drop, UPCAST=_INTERPRET,
-                 num_warps=warps, num_stages=stages)
+                 num_stages=stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     if Lk > 0:
         _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, BN1), B * H)](
             q, k, v, do, lse, delta, kpm, dk, dv, *strides,
             dk.stride(0), dk.stride(1), dk.stride(2), s_kpmb, s_kpml, *common,
-            BLOCK_M=BM1, BLOCK_N=BN1, **flags,
+            BLOCK_M=BM1, BLOCK_N=BN1, num_warps=warps1, **flags,
         )
     _attn_bwd_dq_kernel[(triton.cdiv(Lq, BM2), B * H)](
         q, k, v, do, lse, delta, kpm, dq, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2), s_kpmb, s_kpml, *common,
-        BLOCK_M=BM2, BLOCK_N=BN2, **flags,
+        BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2, **flags,
     )
     return dq, dk, dv
 

@@ -42,6 +42,8 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
         return f"the Triton backend takes float32/float16/bfloat16, got {x.dtype}"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return f"the Triton backend takes CUDA tensors (CPU only under TRITON_INTERPRET=1), got {x.device}"
+    if x.dim() and x.shape[-1] == 0:
+        return "the Triton backend normalises rows of at least 1 column, got 0"
     return None
 
 

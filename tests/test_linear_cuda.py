@@ -1,6 +1,7 @@
 """CUDA backend of linear (csrc/linear/, pytorch_ext/cuda_ops/linear.py), tested at the launchers.
 
-CPU test: the built library exports the linear entry points of _cuda.SIGNATURES.
+CPU tests: the built library exports the linear entry points of _cuda.SIGNATURES, whose arities match
+fastlayers.h, and the C ABI rejects bad arguments (named in fl_last_error) before touching a device.
 GPU tests (marker gpu; skipped without CUDA or without the library): forward and backward against an
 fp32 reference (TF32 off), tolerance "<= 2x PyTorch's own error at the same dtype" (tests/helpers).
 Shapes are chosen to hit every kernel variant: M = 1 / 7 (64x64 tiles, mostly-masked rows), 4096 and
@@ -29,6 +30,17 @@ def test_library_exports_linear_symbols():
     assert LINEAR_SYMBOLS == ["fl_linear_fwd", "fl_linear_bwd_dx", "fl_linear_bwd_dw"]
     missing = [n for n in LINEAR_SYMBOLS if not hasattr(lib, n)]
     assert not missing, f"{path} lacks {missing}"
+
+
+def test_linear_signatures_match_header():
+    import re
+    from pathlib import Path
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "include" / "fastlayers.h").read_text()
+    for name in LINEAR_SYMBOLS:
+        m = re.search(r"FL_API fl_status " + name + r"\(([^)]*)\);", header)
+        assert m, f"{name} not declared in fastlayers.h"
+        n_params = len([a for a in m.group(1).split(",") if a.strip()])
+        assert n_params == len(_cuda.SIGNATURES[name][1]), name
 
 
 def _raw_lib():
@@ -269,3 +281,11 @@ def test_linear_unsupported_reason():
     assert ops.unsupported_reason(x, w) is None
     assert "float32" in ops.unsupported_reason(x.float(), w.float())
     assert ops.unsupported_reason(x.cpu(), w.cpu()) is not None
+
+
+def test_linear_abi_without_device_reports_cuda_error():
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU path (would launch on fake pointers here)")
+    lib = _raw_lib()
+    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 1, 1, None)
+    assert st == 3 and lib.fl_last_error()

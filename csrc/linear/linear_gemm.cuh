@@ -205,10 +205,13 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int m
       off = static_cast<int64_t>(k) * ld + mn;
     }
     T* dst = smem + r * S::PITCH + cc;
-    const T* src = valid > 0 ? g + off : g;  // a zero-byte copy still needs a valid address
-    if (ALIGNED) {
-      cp_async_16(dst, src, valid * 2);
+    if (valid == 0) {
+      // Wholly outside the operand (which may then be empty, its pointer null): store zeros.
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    } else if (ALIGNED) {
+      cp_async_16(dst, g + off, valid * 2);
     } else {
+      const T* src = g + off;
       const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
       uint16_t v[8];
 #pragma unroll

@@ -26,6 +26,10 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
     err = _cuda.load_error()
     if err is not None:
         return err
+    max_cols = _cuda.build_info()["layer_norm"]["max_cols"]
+    cols = x.shape[-1] if x.dim() else 1
+    if not 1 <= cols <= max_cols:
+        return f"the CUDA backend normalises 1 to {max_cols} columns, got {cols}"
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return _cuda.device_error(idx)
 
