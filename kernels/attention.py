@@ -9,16 +9,15 @@ through, never copied). o (B, Lq, H, D) contiguous, lse (B, H, Lq) fp32 natural 
 scores' exp-sum, +inf for a row with no attended key (its o row is 0, its gradients are 0).
 Causal is bottom-right aligned: query i attends key j iff j <= i + (Lk - Lq).
 Dropout: keep(b, h, i, j) = u >= p with u = (philox4x32-10(key=(seed lo, seed hi),
-counter=(c lo, c hi, 0, 0)).word0 >> 8) * 2**-24, c = offset + ((b*H + h)*Lq + i)*Lk + j; the
-philox below is written out (it equals tl.randint(seed, c) for int64 c on triton >= 3.x's split
-counter) so the result does not depend on the Triton version. p is compared in float32.
+counter=(c lo, c hi, 0, 0)).word0 >> 8) * 2**-24, c = offset + ((b*H + h)*Lq + i)*Lk + j. This is
+tl.randint(seed, c) for int64 c on Triton 3.9 (a test checks it); the kernels spell philox out so
+the mask cannot change with how a Triton version splits 64-bit counters. p is compared in float32.
 Numerics: fp32 accumulators, scores in the log2 domain (scale * log2(e) folded into one multiply).
 Head dims: multiples of 8 up to 256, padded to BLOCK_D (next power of two, >= 16) by masked loads.
 GPU: fp16/bf16. Interpreter (TRITON_INTERPRET=1, CPU tensors): fp32/fp16 (bf16 is upcast there,
 because the interpreter's bf16 tl.dot multiplies raw bits).
 """
 import functools
-import math
 import os
 
 import torch
@@ -53,10 +52,8 @@ def _mulhilo32(a: int, x: torch.Tensor):
     return (prod >> 32) & _M32, prod & _M32
 
 
-def dropout_uniform(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, device) -> torch.Tensor:
-    """u in [0, 1) float32 (B, H, Lq, Lk): (philox4x32-10 word0 >> 8) * 2**-24 at c = offset + flat index."""
-    seed, offset = int(seed), int(offset)
-    c = torch.arange(B * H * Lq * Lk, dtype=torch.int64, device=device).view(B, H, Lq, Lk) + offset
+def _philox_u(seed: int, c: torch.Tensor) -> torch.Tensor:
+    """float32 u for int64 counters c: (philox4x32-10 word0 >> 8) * 2**-24."""
     c0, c1 = c & _M32, (c >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -70,11 +67,29 @@ def dropout_uniform(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, de
     return (c0 >> 8).to(torch.float32) * (2.0 ** -24)
 
 
+def _dropout_chunks(seed, offset, B, H, Lq, Lk, device, out, fn):
+    # int64 temporaries cost ~50 bytes per element: go in chunks of 2**22 counters.
+    n = B * H * Lq * Lk
+    flat = out.view(-1)
+    chunk = 1 << 22
+    for start in range(0, n, chunk):
+        c = torch.arange(start, min(n, start + chunk), dtype=torch.int64, device=device) + int(offset)
+        flat[start:start + c.numel()] = fn(_philox_u(int(seed), c))
+    return out
+
+
+def dropout_uniform(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, device) -> torch.Tensor:
+    """u in [0, 1) float32 (B, H, Lq, Lk) at c = offset + ((b*H + h)*Lq + i)*Lk + j."""
+    out = torch.empty((B, H, Lq, Lk), dtype=torch.float32, device=device)
+    return _dropout_chunks(seed, offset, B, H, Lq, Lk, device, out, lambda u: u)
+
+
 def dropout_keep_mask(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, device,
                       dropout_p: float) -> torch.Tensor:
     """keep (B, H, Lq, Lk) bool = u >= dropout_p (compared in float32), the mask every backend uses."""
-    u = dropout_uniform(seed, offset, B, H, Lq, Lk, device)
-    return u >= torch.tensor(dropout_p, dtype=torch.float32, device=u.device)
+    out = torch.empty((B, H, Lq, Lk), dtype=torch.bool, device=device)
+    p = torch.tensor(dropout_p, dtype=torch.float32, device=device)
+    return _dropout_chunks(seed, offset, B, H, Lq, Lk, device, out, lambda u: u >= p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +185,8 @@ if triton is not None:
         UPCAST: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
+        if IS_CAUSAL:  # the last query tiles see the most keys: schedule them first
+            pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
@@ -319,7 +336,7 @@ if triton is not None:
             # key of the tile is visible, so those query tiles need no per-element mask.
             m_lo = (tl.maximum(n0 - diag, 0) // BLOCK_M) * BLOCK_M
             m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-            m_full = tl.minimum(tl.maximum(m_full - BLOCK_M, m_lo), Lq)
+            m_full = tl.minimum(tl.maximum(m_full, m_lo), Lq)
         else:
             m_lo = 0
             m_full = 0
@@ -383,6 +400,8 @@ if triton is not None:
         UPCAST: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
+        if IS_CAUSAL:  # the last query tiles see the most keys: schedule them first
+            pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
@@ -578,7 +597,7 @@ def _decode_config(block_d: int, Lq: int):
         return block_m, 16, 4, 1
     if block_d <= 64:
         return block_m, 64, 4, 3
-    # 8 warps: at 4 warps a (64 x 128) k/v tile pair already spills on sm_80
+    # ptxas: 64-71 registers, no spills, 70-75 KB shared at 3 stages (not tuned by timing)
     return block_m, (64 if block_d <= 128 else 32), 8, 3
 
 
@@ -739,6 +758,9 @@ def _common_reason(q, tensors) -> "str | None":
             return "TRITON_INTERPRET=1 is set: Triton kernels run on CPU tensors only"
         if q.dtype not in (torch.float16, torch.bfloat16):
             return f"q.dtype: expected float16 or bfloat16 on CUDA, got {q.dtype}"
+        major, minor, _ = _device_info(q.device.index)
+        if major < 8:  # tile configs assume sm_80+ shared memory; bf16 dots need sm_80
+            return f"GPU: expected compute capability >= 8.0, got {major}.{minor}"
     elif q.device.type == "cpu":
         if not _INTERPRET:
             return "CPU tensors need TRITON_INTERPRET=1 (set before importing triton)"

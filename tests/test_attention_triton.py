@@ -97,7 +97,7 @@ FWD_CASES = [
     (2, 33, 20, 1, 16, True, True, torch.float16),
     (1, 1, 17, 2, 64, True, False, torch.float16),
     (2, 40, 40, 2, 16, True, False, torch.float32),
-    (1, 20, 37, 2, 16, True, True, torch.float32),  # several key and query tiles around the diagonal
+    (1, 20, 37, 2, 16, True, False, torch.float32),  # several key and query tiles around the diagonal
     (1, 37, 25, 1, 16, True, False, torch.float16),
 ]
 BWD_CASES = FWD_CASES[:5] + FWD_CASES[-2:]
@@ -374,7 +374,8 @@ def test_gpu_kvcache_long(dtype, Lq, with_new):
         if with_new:
             s = int(lens[b])
             assert torch.equal(k_cache[b, s:s + Lq], k_new[b])
-            assert torch.equal(k_cache[b, :s], k_before[b, :s]) and torch.equal(k_cache[b, s + Lq:], k_before[b, s + Lq:])
+            assert torch.equal(k_cache[b, :s], k_before[b, :s])
+            assert torch.equal(k_cache[b, s + Lq:], k_before[b, s + Lq:])
         r32, _ = reference(q[b:b + 1], k_cache[b:b + 1, :L], v_cache[b:b + 1, :L], None, D ** -0.5, True,
                            dtype=torch.float32)
         rd, _ = reference(q[b:b + 1], k_cache[b:b + 1, :L], v_cache[b:b + 1, :L], None, D ** -0.5, True, dtype=dtype)

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 import fastlayers as fl
 from fastlayers.ops.layer_norm import layer_norm_ref
+from backends_matrix import kernel_backend_cases
 from helpers import assert_close_rule
 
-from conftest import HAS_CUDA, INTERPRET
+from conftest import INTERPRET
 
 # Shapes: 1 and primes catch tail handling; 1000/4097 are non-powers of two past one block.
 CPU_COLS = [1, 7, 1000, 4097]
@@ -74,16 +75,6 @@ def test_reference_no_affine_and_zero_rows():
 
 
 # ----------------------------------------------------------------------------- kernel backends via the op
-def _backend_cases():
-    cases = []
-    if INTERPRET:
-        cases.append(pytest.param("triton", "cpu", id="triton-interp"))
-    if HAS_CUDA:
-        cases += [pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-gpu"),
-                  pytest.param("cuda", "cuda", marks=pytest.mark.gpu, id="cuda-gpu")]
-    return cases or [pytest.param("triton", "cpu", marks=pytest.mark.skip(reason="no triton path here"))]
-
-
 def _check_backend(backend, device, shape, dtype, rms, residual, bias=True, weight=True, strided=False):
     x, w, b, r = _inputs(shape, dtype, device, residual=residual, bias=bias, weight=weight)
     if strided:  # rows with a gap between them (a column slice of a wider tensor)
@@ -124,7 +115,7 @@ def _check_backend(backend, device, shape, dtype, rms, residual, bias=True, weig
                                                                      torch.bfloat16: 6e-2}[dtype]), what=name)
 
 
-@pytest.mark.parametrize("backend,device", _backend_cases())
+@pytest.mark.parametrize("backend,device", kernel_backend_cases())
 @pytest.mark.parametrize("cols", CPU_COLS)
 @pytest.mark.parametrize("rms,residual", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -133,7 +124,7 @@ def test_backend_matches_reference(backend, device, cols, rms, residual, dtype):
     _check_backend(backend, device, (rows, cols), dtype, rms, residual)
 
 
-@pytest.mark.parametrize("backend,device", _backend_cases())
+@pytest.mark.parametrize("backend,device", kernel_backend_cases())
 def test_backend_strided_leading_dims_no_bias(backend, device):
     _check_backend(backend, device, (5, 33), torch.float32, False, True, bias=False, strided=True)
     x = torch.randn(2, 3, 4, 33, device=device).transpose(1, 2)  # leading dims not collapsible

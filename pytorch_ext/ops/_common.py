@@ -11,6 +11,8 @@ The op pattern (layer_norm.py is the model; attention.py and linear.py follow it
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,3 +65,11 @@ def needs_grad(*tensors) -> bool:
 def empty_placeholder(like: torch.Tensor) -> torch.Tensor:
     """Custom ops cannot return None: absent outputs are 0-element tensors."""
     return like.new_empty((0,))
+
+
+def device_guard(t: torch.Tensor):
+    """Makes t's GPU the current device for the call (kernels launch on the current device; a
+    tensor on another GPU would otherwise meet a stream of the wrong device)."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import check_like, check_tensor, needs_grad
+from ._common import check_like, check_tensor, device_guard, needs_grad
 from ._philox import dropout_keep_mask
 
 OP = "attention"
@@ -256,10 +256,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_
     BACKENDS.record(name)
     seed = _draw_seed() if dropout_p > 0 else 0
     deterministic = bool(deterministic or torch.are_deterministic_algorithms_enabled())
-    if needs_grad(q, k, v):
-        return _AttentionFn.apply(q, k, v, key_padding_mask, scale, causal, float(dropout_p), seed, deterministic,
-                                  name)
-    o, _ = BACKENDS.module(name).attention_fwd(q, k, v, key_padding_mask, scale, causal, float(dropout_p), seed, 0)
+    with device_guard(q):
+        if needs_grad(q, k, v):
+            return _AttentionFn.apply(q, k, v, key_padding_mask, scale, causal, float(dropout_p), seed,
+                                      deterministic, name)
+        o, _ = BACKENDS.module(name).attention_fwd(q, k, v, key_padding_mask, scale, causal, float(dropout_p),
+                                                   seed, 0)
     return o
 
 
@@ -328,8 +330,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                                                            scale, causal, name)
     name = _select_kv(backend, q, k_cache)
     BACKENDS_KV.record(name)
-    return BACKENDS_KV.module(name).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                           scale, causal)
+    with device_guard(q):
+        return BACKENDS_KV.module(name).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                               scale, causal)
 
 
 # ----------------------------------------------------------------------------- torch.compile path
@@ -370,8 +373,9 @@ def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
     time, not at trace time) so every call of a compiled graph draws a fresh dropout mask."""
     seed = _draw_seed() if dropout_p > 0 else 0
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
-    o, lse = BACKENDS.module(backend).attention_fwd(q, k, v, key_padding_mask, softmax_scale, causal, dropout_p,
-                                                    seed, 0)
+    with device_guard(q):
+        o, lse = BACKENDS.module(backend).attention_fwd(q, k, v, key_padding_mask, softmax_scale, causal,
+                                                        dropout_p, seed, 0)
     return o, lse, torch.tensor([seed, 0], dtype=torch.int64)
 
 
@@ -389,8 +393,9 @@ def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, ls
                       dropout_p: float, deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     seed, offset = (int(x) for x in rng_state.tolist())
     do, q, k, v = (_last_dim_contig(t) for t in (do, q, k, v))
-    return BACKENDS.module(backend).attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal,
-                                                  dropout_p, seed, offset, deterministic)
+    with device_guard(q):
+        return BACKENDS.module(backend).attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale,
+                                                      causal, dropout_p, seed, offset, deterministic)
 
 
 @_attention_bwd_op.register_fake
@@ -419,8 +424,9 @@ _attention_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_co
 @torch.library.custom_op("fastlayers::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _attention_kv_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
                      v_new: Optional[Tensor], softmax_scale: float, causal: bool, backend: str) -> Tensor:
-    return BACKENDS_KV.module(backend).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                              softmax_scale, causal)
+    with device_guard(q):
+        return BACKENDS_KV.module(backend).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new,
+                                                                  v_new, softmax_scale, causal)
 
 
 @_attention_kv_op.register_fake

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import (as_rows, check_like, check_tensor, empty_placeholder, needs_grad)
+from ._common import as_rows, check_like, check_tensor, device_guard, empty_placeholder, needs_grad
 
 OP = "layer_norm"
 MAX_COLS_KERNELS = 65536  # the Triton and CUDA kernels' limit; the torch backend takes any size
@@ -171,12 +171,13 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
     _validate(x, weight, bias, eps, residual, rms)
     name = _select(backend, x)
     BACKENDS.record(name)
-    if needs_grad(x, weight, bias, residual):
-        return _LayerNormFn.apply(x, weight, bias, residual, eps, rms, name)
-    cols = x.shape[-1]
-    y, res_out, _, _ = _launchers(name).layer_norm_fwd(
-        as_rows(x, cols), as_rows(residual, cols) if residual is not None else None,
-        weight, bias, float(eps), rms)
+    with device_guard(x):
+        if needs_grad(x, weight, bias, residual):
+            return _LayerNormFn.apply(x, weight, bias, residual, eps, rms, name)
+        cols = x.shape[-1]
+        y, res_out, _, _ = _launchers(name).layer_norm_fwd(
+            as_rows(x, cols), as_rows(residual, cols) if residual is not None else None,
+            weight, bias, float(eps), rms)
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), res_out.view(x.shape)
@@ -204,7 +205,8 @@ def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     cols = x.shape[-1]
     x2 = as_rows(x, cols)
     r2 = as_rows(residual, cols) if residual is not None else None
-    y, res_out, mean, rstd = _launchers(backend).layer_norm_fwd(x2, r2, weight, bias, eps, rms)
+    with device_guard(x):
+        y, res_out, mean, rstd = _launchers(backend).layer_norm_fwd(x2, r2, weight, bias, eps, rms)
     res_out = res_out.view(x.shape) if res_out is not None else empty_placeholder(x)
     mean = mean if mean is not None else empty_placeholder(rstd)
     return y.view(x.shape), res_out, mean, rstd
@@ -225,9 +227,10 @@ def _layer_norm_bwd_op(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Te
                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (ds, dweight, dbias); absent ones are 0-element tensors."""
     cols = s.shape[-1]
-    ds, dw, db = _launchers(backend).layer_norm_bwd(
-        as_rows(dy, cols), as_rows(s, cols), weight, None if rms else mean, rstd,
-        as_rows(dresidual_out, cols) if dresidual_out is not None else None, has_bias, rms)
+    with device_guard(s):
+        ds, dw, db = _launchers(backend).layer_norm_bwd(
+            as_rows(dy, cols), as_rows(s, cols), weight, None if rms else mean, rstd,
+            as_rows(dresidual_out, cols) if dresidual_out is not None else None, has_bias, rms)
     return (ds.view(s.shape), dw if dw is not None else empty_placeholder(s),
             db if db is not None else empty_placeholder(s))
 

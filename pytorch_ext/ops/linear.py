@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import as_rows, check_like, check_tensor, empty_placeholder, needs_grad
+from ._common import as_rows, check_like, check_tensor, device_guard, empty_placeholder, needs_grad
 
 OP = "linear"
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
@@ -165,12 +165,13 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activati
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     name = _select(backend, x, weight)
     BACKENDS.record(name)
-    if needs_grad(x, weight, bias, residual):
-        need_preact = activation is not None and needs_grad(x, weight, bias)
-        return _LinearFn.apply(x, weight, bias, residual, activation, need_preact, name)
-    K, N = x.shape[-1], weight.shape[0]
-    y, _ = BACKENDS.module(name).linear_fwd(as_rows(x, K), weight, bias, activation,
-                                            as_rows(residual, N) if residual is not None else None, False)
+    with device_guard(x):
+        if needs_grad(x, weight, bias, residual):
+            need_preact = activation is not None and needs_grad(x, weight, bias)
+            return _LinearFn.apply(x, weight, bias, residual, activation, need_preact, name)
+        K, N = x.shape[-1], weight.shape[0]
+        y, _ = BACKENDS.module(name).linear_fwd(as_rows(x, K), weight, bias, activation,
+                                                as_rows(residual, N) if residual is not None else None, False)
     return y.view(*x.shape[:-1], N)
 
 
@@ -197,9 +198,10 @@ def _linear_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     """Returns (y, preact); preact is a 0-element tensor when not saved."""
     K, N = x.shape[-1], weight.shape[0]
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    y, preact = BACKENDS.module(backend).linear_fwd(as_rows(x, K), weight, bias, activation,
-                                                    as_rows(residual, N) if residual is not None else None,
-                                                    save_preact)
+    with device_guard(x):
+        y, preact = BACKENDS.module(backend).linear_fwd(as_rows(x, K), weight, bias, activation,
+                                                        as_rows(residual, N) if residual is not None else None,
+                                                        save_preact)
     out_shape = (*x.shape[:-1], N)
     return y.view(out_shape), (preact.view(out_shape) if preact is not None else empty_placeholder(x))
 
@@ -216,9 +218,10 @@ def _linear_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, preact: Optional[Tenso
                    has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     K, N = x.shape[-1], weight.shape[0]
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    dx, dw, db = BACKENDS.module(backend).linear_bwd(
-        as_rows(dy, N), as_rows(x, K), weight, as_rows(preact, N) if activation is not None else None,
-        activation, has_bias, True, True)
+    with device_guard(x):
+        dx, dw, db = BACKENDS.module(backend).linear_bwd(
+            as_rows(dy, N), as_rows(x, K), weight, as_rows(preact, N) if activation is not None else None,
+            activation, has_bias, True, True)
     return dx.view(x.shape), dw, (db if db is not None else empty_placeholder(x))
 
 
