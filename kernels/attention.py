@@ -2,7 +2,8 @@
 
 Called by pytorch_ext/ops/attention.py through exactly these functions (BRIEF.md "### attention"):
 attention_fwd, attention_bwd, attention_with_kvcache, unsupported_reason, kvcache_unsupported_reason.
-Also exports `dropout_keep_mask`, the pure-torch form of the dropout mask, used by the reference.
+Re-exports `dropout_keep_mask` / `dropout_uniform` from kernels/philox.py, the pure-torch spec of
+the dropout mask that these kernels reproduce.
 
 Layouts: q (B, Lq, H, D), k/v (B, Lk, H, D), last dim contiguous, other strides arbitrary (passed
 through, never copied). o (B, Lq, H, D) contiguous, lse (B, H, Lq) fp32 natural log of the SCALED
@@ -22,519 +23,459 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the op module asks unsupported_reason(), which names this
-    triton = None
-    tl = None
+import triton
+import triton.language as tl
+
+from .philox import dropout_keep_mask, dropout_uniform  # noqa: F401  (the spec; re-exported for tests)
 
 # Read once at import: decides whether kernels are interpreted (CPU) and whether dots are upcast.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
-_SUPPORTED_HEAD_DIMS = tuple(range(8, 257, 8))
-
-# Philox4x32-10 constants (Salmon et al. 2011), identical to Triton's and curand's.
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
 _M32 = 0xFFFFFFFF
-
-
-# ----------------------------------------------------------------------------------------------
-# Dropout mask, pure torch (the reference backend and tests use it; Triton replays it per tile)
-# ----------------------------------------------------------------------------------------------
-def _mulhilo32(a: int, x: torch.Tensor):
-    # a, x < 2**32: the int64 product wraps mod 2**64, whose two 32-bit halves are exactly the
-    # unsigned high and low words (the arithmetic shift's sign bits are masked off).
-    prod = x * a
-    return (prod >> 32) & _M32, prod & _M32
-
-
-def _philox_u(seed: int, c: torch.Tensor) -> torch.Tensor:
-    """float32 u for int64 counters c: (philox4x32-10 word0 >> 8) * 2**-24."""
-    c0, c1 = c & _M32, (c >> 32) & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
-        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _M32
-        k1 = (k1 + _PHILOX_KEY_B) & _M32
-    return (c0 >> 8).to(torch.float32) * (2.0 ** -24)
-
-
-def _dropout_chunks(seed, offset, B, H, Lq, Lk, device, out, fn):
-    # int64 temporaries cost ~50 bytes per element: go in chunks of 2**22 counters.
-    n = B * H * Lq * Lk
-    flat = out.view(-1)
-    chunk = 1 << 22
-    for start in range(0, n, chunk):
-        c = torch.arange(start, min(n, start + chunk), dtype=torch.int64, device=device) + int(offset)
-        flat[start:start + c.numel()] = fn(_philox_u(int(seed), c))
-    return out
-
-
-def dropout_uniform(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, device) -> torch.Tensor:
-    """u in [0, 1) float32 (B, H, Lq, Lk) at c = offset + ((b*H + h)*Lq + i)*Lk + j."""
-    out = torch.empty((B, H, Lq, Lk), dtype=torch.float32, device=device)
-    return _dropout_chunks(seed, offset, B, H, Lq, Lk, device, out, lambda u: u)
-
-
-def dropout_keep_mask(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, device,
-                      dropout_p: float) -> torch.Tensor:
-    """keep (B, H, Lq, Lk) bool = u >= dropout_p (compared in float32), the mask every backend uses."""
-    out = torch.empty((B, H, Lq, Lk), dtype=torch.bool, device=device)
-    p = torch.tensor(dropout_p, dtype=torch.float32, device=device)
-    return _dropout_chunks(seed, offset, B, H, Lq, Lk, device, out, lambda u: u >= p)
-
+_SUPPORTED_HEAD_DIMS = tuple(range(8, 257, 8))
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-if triton is not None:
 
-    @triton.jit
-    def _dropout_keep(seed_lo, seed_hi, c, dropout_p):
-        """keep mask for int64 counters c (any shape); same philox as dropout_uniform above."""
-        c0 = c.to(tl.uint32)  # truncation: low word
-        c1 = (c >> 32).to(tl.uint32)
-        c2 = c0 * 0
-        c3 = c2
-        k0 = seed_lo.to(tl.uint32)
-        k1 = seed_hi.to(tl.uint32)
-        for _ in tl.static_range(10):
-            a0 = c0
-            a2 = c2
-            c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-            c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-            c1 = a2 * 0xCD9E8D57
-            c3 = a0 * 0xD2511F53
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
-        u = (c0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
-        return u >= dropout_p
+@triton.jit
+def _dropout_keep(seed_lo, seed_hi, c, dropout_p):
+    """keep mask for int64 counters c (any shape): the philox of kernels/philox.py."""
+    c0 = c.to(tl.uint32)  # truncation: low word
+    c1 = (c >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c2
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    u = (c0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return u >= dropout_p
 
-    @triton.jit
-    def _load_tile(ptrs, rows, n_rows, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
-                   UPCAST: tl.constexpr):
-        # (R, BLOCK_D) tile; rows >= n_rows and padded head-dim columns read as 0.
-        if CHECK_ROWS:
-            if EVEN_D:
-                x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-            else:
-                x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & d_ok[None, :], other=0.0)
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+               UPCAST: tl.constexpr):
+    # (R, BLOCK_D) tile; rows >= n_rows and padded head-dim columns read as 0.
+    if CHECK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
         else:
-            if EVEN_D:
-                x = tl.load(ptrs)
-            else:
-                x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-        return x
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
-    @triton.jit
-    def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kpm_base, stride_kpm,
-                  start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
-                  dropout_p, drop_base, seed_lo, seed_hi,
-                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
-        offs_k = start_n + offs_n  # (BLOCK_N,) key indices
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kpm_base, stride_kpm,
+              start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
+              dropout_p, drop_base, seed_lo, seed_hi,
+              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    offs_k = start_n + offs_n  # (BLOCK_N,) key indices
+    k = _load_tile(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
+                   offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+    v = _load_tile(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
+                   offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) log2-domain scores
+    # Per-element masks only on boundary tiles (the Lk edge and the causal diagonal).
+    if MASKED:
+        ok = offs_k[None, :] < Lk
+        if IS_CAUSAL:
+            ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(ok, s, float("-inf"))
+    if HAS_KPM:
+        km = tl.load(kpm_base + offs_k.to(tl.int64) * stride_kpm, mask=offs_k < Lk, other=0)
+        s = tl.where(km[None, :] != 0, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with every key masked so far keeps m = -inf; subtract 0 instead (no inf - inf).
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser uses the undropped P
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        c = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_k[None, :]
+        p = tl.where(_dropout_keep(seed_lo, seed_hi, c, dropout_p), p, 0.0)
+    acc += tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, Lq|Lk, H, D) inputs, last dim contiguous
+    O,  # (B, Lq, H, D) contiguous output
+    LSE,  # (B, H, Lq) fp32 output, natural log
+    KPM,  # (B, Lk) uint8 view of the bool key_padding_mask (unused without HAS_KPM)
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+    stride_kpmb, stride_kpml,
+    H, Lq, Lk, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the last query tiles see the most keys: schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
+                   + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    kpm_base = KPM + b * stride_kpmb
+    drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    diag = Lk - Lq
+    m0 = pid_m * BLOCK_M
+    if IS_CAUSAL:
+        # keys past the last row's diagonal are skipped; tiles wholly left of the first row's
+        # diagonal need no per-element mask.
+        hi = tl.maximum(tl.minimum(Lk, m0 + BLOCK_M + diag), 0)
+        full_end = tl.maximum(tl.minimum(Lk, m0 + diag + 1), 0)
+        full_end = (full_end // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl,
+                                  kpm_base, stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok,
+                                  Lk, diag, qk_scale, dropout_p, drop_base, seed_lo, seed_hi,
+                                  False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl,
+                                  kpm_base, stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok,
+                                  Lk, diag, qk_scale, dropout_p, drop_base, seed_lo, seed_hi,
+                                  True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        o = o * drop_scale
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    row_ok = offs_m < Lq
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+
+@triton.jit(do_not_specialize=["Lq"])
+def _attn_bwd_preprocess_kernel(
+    O, DO,  # (B, Lq, H, D)
+    DELTA,  # (B, H, Lq) fp32 output: rowsum(dO * O)
+    stride_ob, stride_ol, stride_oh, stride_dob, stride_dol, stride_doh,
+    H, Lq, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_D)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_ol + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dol + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
+               key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag, qk_scale,
+               dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m[:, None].to(tl.int64)
+    q = _load_tile(q_base + rows * stride_ql + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
+    do = _load_tile(do_base + rows * stride_dol + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
+    # rows past Lq read lse = +inf, so their P^T columns are exactly 0 without a mask.
+    lse2 = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+    s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
+    if HAS_KPM:
+        p_t = tl.where(key_ok[:, None], p_t, 0.0)
+    if HAS_DROPOUT:
+        c = drop_base + offs_m[None, :].to(tl.int64) * Lk + offs_n[:, None]
+        keep = _dropout_keep(seed_lo, seed_hi, c, dropout_p)
+        pd_t = tl.where(keep, p_t * drop_scale, 0.0)
+    else:
+        pd_t = p_t
+    dv += tl.dot(pd_t.to(do.dtype), do)
+    dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
+    if HAS_DROPOUT:
+        dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # inputs (B, L, H, D), last dim contiguous
+    LSE, DELTA,  # (B, H, Lq) fp32
+    KPM,  # (B, Lk) uint8 view of the bool mask
+    DK, DV,  # (B, Lk, H, D) contiguous outputs
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_dob, stride_dol, stride_doh,
+    stride_dkb, stride_dkl, stride_dkh, stride_kpmb, stride_kpml,
+    H, Lq, Lk, sm_scale, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    cols = offs_n[:, None].to(tl.int64)
+    k = _load_tile(K + b * stride_kb + h * stride_kh + cols * stride_kl + offs_d[None, :],
+                   offs_n, Lk, d_ok, True, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+    v = _load_tile(V + b * stride_vb + h * stride_vh + cols * stride_vl + offs_d[None, :],
+                   offs_n, Lk, d_ok, True, EVEN_D, UPCAST)
+    if HAS_KPM:
+        key_ok = tl.load(KPM + b * stride_kpmb + offs_n.to(tl.int64) * stride_kpml,
+                         mask=offs_n < Lk, other=0) != 0
+    else:
+        key_ok = offs_n < Lk
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * Lq
+    delta_base = DELTA + bh.to(tl.int64) * Lq
+    drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    diag = Lk - Lq
+    if IS_CAUSAL:
+        # first query that sees key n0 is n0 - diag; from row n0 + BLOCK_N - 1 - diag on, every
+        # key of the tile is visible, so those query tiles need no per-element mask.
+        m_lo = (tl.maximum(n0 - diag, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(tl.maximum(m_full, m_lo), Lq)
+    else:
+        m_lo = 0
+        m_full = 0
+    for start_m in range(m_lo, m_full, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base,
+                            delta_base, key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag,
+                            qk_scale, dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+                            BLOCK_M, True, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
+    for start_m in range(m_full, Lq, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base,
+                            delta_base, key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag,
+                            qk_scale, dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+                            BLOCK_M, False, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
+    dk = dk * sm_scale
+    mask = (offs_n[:, None] < Lk) & d_ok[None, :]
+    out = b * stride_dkb + h * stride_dkh + cols * stride_dkl + offs_d[None, :]
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base, stride_kpm,
+             start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
+             dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+             MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    offs_k = start_n + offs_n
+    k = _load_tile(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
+                   offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
+    v = _load_tile(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
+                   offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        ok = offs_k[None, :] < Lk
+        if IS_CAUSAL:
+            ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
+        p = tl.where(ok, p, 0.0)
+    if HAS_KPM:
+        km = tl.load(kpm_base + offs_k.to(tl.int64) * stride_kpm, mask=offs_k < Lk, other=0)
+        p = tl.where(km[None, :] != 0, p, 0.0)
+    dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
+    if HAS_DROPOUT:
+        c = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_k[None, :]
+        dp = tl.where(_dropout_keep(seed_lo, seed_hi, c, dropout_p), dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # inputs (B, L, H, D), last dim contiguous
+    LSE, DELTA,  # (B, H, Lq) fp32
+    KPM,  # (B, Lk) uint8 view of the bool mask
+    DQ,  # (B, Lq, H, D) contiguous output
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_dob, stride_dol, stride_doh,
+    stride_dqb, stride_dql, stride_dqh, stride_kpmb, stride_kpml,
+    H, Lq, Lk, sm_scale, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the last query tiles see the most keys: schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    rows = offs_m[:, None].to(tl.int64)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + rows * stride_ql + offs_d[None, :],
+                   offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows * stride_dol + offs_d[None, :],
+                    offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq,
+                   other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    kpm_base = KPM + b * stride_kpmb
+    drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    diag = Lk - Lq
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Lk, m0 + BLOCK_M + diag), 0)
+        full_end = tl.maximum(tl.minimum(Lk, m0 + diag + 1), 0)
+        full_end = (full_end // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base,
+                      stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
+                      dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+                      False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
+    for start_n in range(full_end, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base,
+                      stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
+                      dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+                      True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dql + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
+
+@triton.jit(do_not_specialize=["Lq", "n_new", "chunk"])
+def _decode_split_kernel(
+    Q,  # (B, Lq, H, D)
+    KC, VC,  # (B, Lmax, H, D) caches (already holding the new keys)
+    SEQLENS,  # (B,) int32: cache lengths before this step
+    OP,  # (B, H, S, Lq, BLOCK_D) fp32 partial outputs (normalised within the split)
+    LSEP,  # (B, H, S, Lq) fp32 partial log2-sum-exp2, -inf for an empty split
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    H, Lq, n_new, chunk, num_splits, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
+                   + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
+    seqlen = tl.load(SEQLENS + b).to(tl.int32) + n_new  # Lk of this batch row (device value)
+    diag = seqlen - Lq
+    start = split * chunk
+    end = tl.minimum(start + chunk, seqlen)
+    if IS_CAUSAL:
+        end = tl.minimum(end, m0 + BLOCK_M + diag)
+    k_base = KC + b * stride_kb + h * stride_kh
+    v_base = VC + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Decode is bandwidth-bound: every tile is masked (end is a device value), the mask is free.
+    for start_n in range(start, end, BLOCK_N):
+        offs_k = start_n + offs_n
         k = _load_tile(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
-                       offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+                       offs_k, end, d_ok, True, EVEN_D, UPCAST)
         v = _load_tile(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
-                       offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) log2-domain scores
-        # Per-element masks only on boundary tiles (the Lk edge and the causal diagonal).
-        if MASKED:
-            ok = offs_k[None, :] < Lk
-            if IS_CAUSAL:
-                ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(ok, s, float("-inf"))
-        if HAS_KPM:
-            km = tl.load(kpm_base + offs_k.to(tl.int64) * stride_kpm, mask=offs_k < Lk, other=0)
-            s = tl.where(km[None, :] != 0, s, float("-inf"))
+                       offs_k, end, d_ok, True, EVEN_D, UPCAST)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = offs_k[None, :] < end
+        if IS_CAUSAL:
+            ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every key masked so far keeps m = -inf; subtract 0 instead (no inf - inf).
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser uses the undropped P
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            c = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_k[None, :]
-            p = tl.where(_dropout_keep(seed_lo, seed_hi, c, dropout_p), p, 0.0)
-        acc += tl.dot(p.to(v.dtype), v)
-        return acc, l_i, m_new
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse2 = tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))
+    row_ok = offs_m < Lq
+    part = (bh.to(tl.int64) * num_splits + split) * Lq
+    tl.store(OP + (part + offs_m[:, None]) * BLOCK_D + offs_d[None, :], o, mask=row_ok[:, None])
+    tl.store(LSEP + part + offs_m, lse2, mask=row_ok)
 
-    @triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
-    def _attn_fwd_kernel(
-        Q, K, V,  # (B, Lq|Lk, H, D) inputs, last dim contiguous
-        O,  # (B, Lq, H, D) contiguous output
-        LSE,  # (B, H, Lq) fp32 output, natural log
-        KPM,  # (B, Lk) uint8 view of the bool key_padding_mask (unused without HAS_KPM)
-        stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
-        stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
-        stride_kpmb, stride_kpml,
-        H, Lq, Lk, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
-        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        if IS_CAUSAL:  # the last query tiles see the most keys: schedule them first
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_D
-        q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
-                       + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)  # (BLOCK_M, BLOCK_D)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        kpm_base = KPM + b * stride_kpmb
-        drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        diag = Lk - Lq
-        m0 = pid_m * BLOCK_M
-        if IS_CAUSAL:
-            # keys past the last row's diagonal are skipped; tiles wholly left of the first row's
-            # diagonal need no per-element mask.
-            hi = tl.maximum(tl.minimum(Lk, m0 + BLOCK_M + diag), 0)
-            full_end = tl.maximum(tl.minimum(Lk, m0 + diag + 1), 0)
-            full_end = (full_end // BLOCK_N) * BLOCK_N
-        else:
-            hi = Lk
-            full_end = (Lk // BLOCK_N) * BLOCK_N
-        for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl,
-                                      kpm_base, stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok,
-                                      Lk, diag, qk_scale, dropout_p, drop_base, seed_lo, seed_hi,
-                                      False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
-        for start_n in range(full_end, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl,
-                                      kpm_base, stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok,
-                                      Lk, diag, qk_scale, dropout_p, drop_base, seed_lo, seed_hi,
-                                      True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
-        has_key = l_i > 0.0
-        l_safe = tl.where(has_key, l_i, 1.0)
-        o = acc / l_safe[:, None]
-        if HAS_DROPOUT:
-            o = o * drop_scale
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
-        row_ok = offs_m < Lq
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
-
-    @triton.jit(do_not_specialize=["Lq"])
-    def _attn_bwd_preprocess_kernel(
-        O, DO,  # (B, Lq, H, D)
-        DELTA,  # (B, H, Lq) fp32 output: rowsum(dO * O)
-        stride_ob, stride_ol, stride_oh, stride_dob, stride_dol, stride_doh,
-        H, Lq, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_D)
-        rows = offs_m[:, None].to(tl.int64)
-        o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_ol + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dol + offs_d[None, :], mask=mask, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
-
-    @triton.jit
-    def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
-                   key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag, qk_scale,
-                   dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
-                   BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr,
-                   HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows = offs_m[:, None].to(tl.int64)
-        q = _load_tile(q_base + rows * stride_ql + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
-        do = _load_tile(do_base + rows * stride_dol + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
-        # rows past Lq read lse = +inf, so their P^T columns are exactly 0 without a mask.
-        lse2 = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        if MASKED:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
-        if HAS_KPM:
-            p_t = tl.where(key_ok[:, None], p_t, 0.0)
-        if HAS_DROPOUT:
-            c = drop_base + offs_m[None, :].to(tl.int64) * Lk + offs_n[:, None]
-            keep = _dropout_keep(seed_lo, seed_hi, c, dropout_p)
-            pd_t = tl.where(keep, p_t * drop_scale, 0.0)
-        else:
-            pd_t = p_t
-        dv += tl.dot(pd_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
-        if HAS_DROPOUT:
-            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
-        return dk, dv
-
-    @triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
-    def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO,  # inputs (B, L, H, D), last dim contiguous
-        LSE, DELTA,  # (B, H, Lq) fp32
-        KPM,  # (B, Lk) uint8 view of the bool mask
-        DK, DV,  # (B, Lk, H, D) contiguous outputs
-        stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
-        stride_vb, stride_vl, stride_vh, stride_dob, stride_dol, stride_doh,
-        stride_dkb, stride_dkl, stride_dkh, stride_kpmb, stride_kpml,
-        H, Lq, Lk, sm_scale, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
-        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-        n0 = pid_n * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_D
-        cols = offs_n[:, None].to(tl.int64)
-        k = _load_tile(K + b * stride_kb + h * stride_kh + cols * stride_kl + offs_d[None, :],
-                       offs_n, Lk, d_ok, True, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(V + b * stride_vb + h * stride_vh + cols * stride_vl + offs_d[None, :],
-                       offs_n, Lk, d_ok, True, EVEN_D, UPCAST)
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b * stride_kpmb + offs_n.to(tl.int64) * stride_kpml,
-                             mask=offs_n < Lk, other=0) != 0
-        else:
-            key_ok = offs_n < Lk
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + bh.to(tl.int64) * Lq
-        delta_base = DELTA + bh.to(tl.int64) * Lq
-        drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        diag = Lk - Lq
-        if IS_CAUSAL:
-            # first query that sees key n0 is n0 - diag; from row n0 + BLOCK_N - 1 - diag on, every
-            # key of the tile is visible, so those query tiles need no per-element mask.
-            m_lo = (tl.maximum(n0 - diag, 0) // BLOCK_M) * BLOCK_M
-            m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-            m_full = tl.minimum(tl.maximum(m_full, m_lo), Lq)
-        else:
-            m_lo = 0
-            m_full = 0
-        for start_m in range(m_lo, m_full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base,
-                                delta_base, key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag,
-                                qk_scale, dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
-                                BLOCK_M, True, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
-        for start_m in range(m_full, Lq, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base,
-                                delta_base, key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag,
-                                qk_scale, dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
-                                BLOCK_M, False, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
-        dk = dk * sm_scale
-        mask = (offs_n[:, None] < Lk) & d_ok[None, :]
-        out = b * stride_dkb + h * stride_dkh + cols * stride_dkl + offs_d[None, :]
-        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask)
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base, stride_kpm,
-                 start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
-                 dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
-                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                 HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
-        offs_k = start_n + offs_n
-        k = _load_tile(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
-                       offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
-        v = _load_tile(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
-                       offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASKED:
-            ok = offs_k[None, :] < Lk
-            if IS_CAUSAL:
-                ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(ok, p, 0.0)
-        if HAS_KPM:
-            km = tl.load(kpm_base + offs_k.to(tl.int64) * stride_kpm, mask=offs_k < Lk, other=0)
-            p = tl.where(km[None, :] != 0, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
-        if HAS_DROPOUT:
-            c = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_k[None, :]
-            dp = tl.where(_dropout_keep(seed_lo, seed_hi, c, dropout_p), dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        return dq
-
-    @triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
-    def _attn_bwd_dq_kernel(
-        Q, K, V, DO,  # inputs (B, L, H, D), last dim contiguous
-        LSE, DELTA,  # (B, H, Lq) fp32
-        KPM,  # (B, Lk) uint8 view of the bool mask
-        DQ,  # (B, Lq, H, D) contiguous output
-        stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
-        stride_vb, stride_vl, stride_vh, stride_dob, stride_dol, stride_doh,
-        stride_dqb, stride_dql, stride_dqh, stride_kpmb, stride_kpml,
-        H, Lq, Lk, sm_scale, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
-        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        if IS_CAUSAL:  # the last query tiles see the most keys: schedule them first
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_D
-        rows = offs_m[:, None].to(tl.int64)
-        q = _load_tile(Q + b * stride_qb + h * stride_qh + rows * stride_ql + offs_d[None, :],
-                       offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
-        do = _load_tile(DO + b * stride_dob + h * stride_doh + rows * stride_dol + offs_d[None, :],
-                        offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
-        lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq,
-                       other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        kpm_base = KPM + b * stride_kpmb
-        drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        diag = Lk - Lq
-        if IS_CAUSAL:
-            hi = tl.maximum(tl.minimum(Lk, m0 + BLOCK_M + diag), 0)
-            full_end = tl.maximum(tl.minimum(Lk, m0 + diag + 1), 0)
-            full_end = (full_end // BLOCK_N) * BLOCK_N
-        else:
-            hi = Lk
-            full_end = (Lk // BLOCK_N) * BLOCK_N
-        for start_n in range(0, full_end, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base,
-                          stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
-                          dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
-                          False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
-        for start_n in range(full_end, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base,
-                          stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
-                          dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
-                          True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
-        dq = dq * sm_scale
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dql + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
-
-    @triton.jit(do_not_specialize=["Lq", "n_new", "chunk"])
-    def _decode_split_kernel(
-        Q,  # (B, Lq, H, D)
-        KC, VC,  # (B, Lmax, H, D) caches (already holding the new keys)
-        SEQLENS,  # (B,) int32: cache lengths before this step
-        OP,  # (B, H, S, Lq, BLOCK_D) fp32 partial outputs (normalised within the split)
-        LSEP,  # (B, H, S, Lq) fp32 partial log2-sum-exp2, -inf for an empty split
-        stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
-        stride_vb, stride_vl, stride_vh,
-        H, Lq, n_new, chunk, num_splits, qk_scale,
-        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        pid_m = tl.program_id(2)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_D
-        q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
-                       + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
-        seqlen = tl.load(SEQLENS + b).to(tl.int32) + n_new  # Lk of this batch row (device value)
-        diag = seqlen - Lq
-        start = split * chunk
-        end = tl.minimum(start + chunk, seqlen)
-        if IS_CAUSAL:
-            end = tl.minimum(end, m0 + BLOCK_M + diag)
-        k_base = KC + b * stride_kb + h * stride_kh
-        v_base = VC + b * stride_vb + h * stride_vh
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # Decode is bandwidth-bound: every tile is masked (end is a device value), the mask is free.
-        for start_n in range(start, end, BLOCK_N):
-            offs_k = start_n + offs_n
-            k = _load_tile(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
-                           offs_k, end, d_ok, True, EVEN_D, UPCAST)
-            v = _load_tile(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
-                           offs_k, end, d_ok, True, EVEN_D, UPCAST)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            ok = offs_k[None, :] < end
-            if IS_CAUSAL:
-                ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        has_key = l_i > 0.0
-        l_safe = tl.where(has_key, l_i, 1.0)
-        o = acc / l_safe[:, None]
-        lse2 = tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))
-        row_ok = offs_m < Lq
-        part = (bh.to(tl.int64) * num_splits + split) * Lq
-        tl.store(OP + (part + offs_m[:, None]) * BLOCK_D + offs_d[None, :], o, mask=row_ok[:, None])
-        tl.store(LSEP + part + offs_m, lse2, mask=row_ok)
-
-    @triton.jit(do_not_specialize=["Lq"])
-    def _decode_combine_kernel(
-        OP, LSEP,  # partials from _decode_split_kernel
-        O,  # (B, Lq, H, D) contiguous output, q.dtype
-        stride_ob, stride_ol, stride_oh, H, Lq, num_splits,
-        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    ):
-        bh = tl.program_id(0)
-        i = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_ok = offs_s < num_splits
-        part = (bh.to(tl.int64) * num_splits + offs_s) * Lq + i  # (BLOCK_S,)
-        lse = tl.load(LSEP + part, mask=s_ok, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.math.exp2(lse - m)  # 0 for empty splits
-        den = tl.sum(w, 0)
-        op = tl.load(OP + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        o = tl.sum(op * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)  # no key at all -> 0
-        tl.store(O + b * stride_ob + h * stride_oh + i * stride_ol + offs_d, o.to(O.dtype.element_ty),
-                 mask=offs_d < HEAD_D)
+@triton.jit(do_not_specialize=["Lq"])
+def _decode_combine_kernel(
+    OP, LSEP,  # partials from _decode_split_kernel
+    O,  # (B, Lq, H, D) contiguous output, q.dtype
+    stride_ob, stride_ol, stride_oh, H, Lq, num_splits,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    i = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    part = (bh.to(tl.int64) * num_splits + offs_s) * Lq + i  # (BLOCK_S,)
+    lse = tl.load(LSEP + part, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)  # 0 for empty splits
+    den = tl.sum(w, 0)
+    op = tl.load(OP + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    o = tl.sum(op * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)  # no key at all -> 0
+    tl.store(O + b * stride_ob + h * stride_oh + i * stride_ol + offs_d, o.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -751,8 +692,6 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
 # Capabilities
 # ----------------------------------------------------------------------------------------------
 def _common_reason(q, tensors) -> "str | None":
-    if triton is None:
-        return "triton is not installed"
     if q.device.type == "cuda":
         if _INTERPRET:
             return "TRITON_INTERPRET=1 is set: Triton kernels run on CPU tensors only"

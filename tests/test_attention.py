@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastlayers as fl
-from fastlayers.ops._philox import dropout_keep_mask
+from fastlayers.kernels.philox import dropout_keep_mask
 from backends_matrix import kernel_backend_cases
 from helpers import assert_close_rule
 
@@ -61,7 +61,7 @@ def test_reference_dropout_semantics():
     o3 = fl.attention(q, k, v, dropout_p=0.25, backend="torch")
     assert torch.equal(o1, o2) and not torch.equal(o1, o3)
     # the mask drops ~p of the elements
-    keep = dropout_keep_mask(123, 0, 4, 4, 64, 64, 0.25, "cpu")
+    keep = dropout_keep_mask(123, 0, 4, 4, 64, 64, "cpu", 0.25)
     assert abs(1 - keep.float().mean().item() - 0.25) < 0.02
     # mean over seeds -> the no-dropout output
     qs, ks, vs = (t.detach()[:1, :4, :1] for t in (q, k, v))

@@ -4,7 +4,7 @@
       causal: bottom-right aligned (query i attends key j iff j <= i + Lk - Lq);
       key_padding_mask: (B, Lk) bool, True = attend; a query row with no key gives zeros and zero grads;
       dropout_p: dropout on the probabilities in every backend, mask from a counter-based Philox
-      (ops/_philox.py) seeded from torch's RNG, replayed (never stored) in the backward.
+      (kernels/philox.py) seeded from torch's RNG, replayed (never stored) in the backward.
     attention_with_kvcache: one decoding step over a (B, Lmax, H, D) cache, forward only.
 
 Same structure as ops/layer_norm.py: reference ("torch" backend, fp32 math), validation, eager path
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..backends import OpBackends
 from ._common import check_like, check_tensor, device_guard, needs_grad
-from ._philox import dropout_keep_mask
+from ..kernels.philox import dropout_keep_mask
 
 OP = "attention"
 OP_KV = "attention_with_kvcache"
@@ -76,7 +76,7 @@ def attention_ref(q, k, v, key_padding_mask, softmax_scale, causal, dropout_p, s
         m = torch.where(torch.isneginf(m), torch.full_like(m, float("inf")), m)
         p = torch.exp(s - m[..., None])                                           # 0 on empty rows
         if dropout_p > 0:
-            keep = dropout_keep_mask(seed, offset, B, H, Lq, Lk, dropout_p, q.device, q0, q1)
+            keep = dropout_keep_mask(seed, offset, B, H, Lq, Lk, q.device, dropout_p, q0, q1)
             p = p * keep / (1.0 - dropout_p)
         o[:, :, q0:q1] = torch.matmul(p, vh)
         lse[:, :, q0:q1] = m
@@ -104,7 +104,7 @@ def attention_ref_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, caus
         p = torch.exp(s - lse[:, :, q0:q1, None].to(acc))                         # (B, H, rows, Lk)
         dp = torch.matmul(doh, vh.transpose(-1, -2))
         if dropout_p > 0:
-            keep = dropout_keep_mask(seed, offset, B, H, Lq, Lk, dropout_p, q.device, q0, q1)
+            keep = dropout_keep_mask(seed, offset, B, H, Lq, Lk, q.device, dropout_p, q0, q1)
             scale = keep / (1.0 - dropout_p)
             dv += torch.matmul((p * scale).transpose(-1, -2), doh)
             dp = dp * scale

@@ -1,12 +1,15 @@
-"""The attention dropout mask, in plain torch: the specification every backend reproduces bit for bit.
+"""The attention dropout mask in plain torch (no Triton needed): the specification that the Triton
+kernels (kernels/attention.py), the CUDA kernels (csrc/attention) and the torch reference backend
+reproduce bit for bit.
 
 For element (b, h, i, j) of the (B, H, Lq, Lk) probability matrix:
     c    = offset + ((b*H + h)*Lq + i)*Lk + j                          (64-bit counter)
     r    = philox4x32-10(key=(seed mod 2^32, seed >> 32), counter=(c mod 2^32, c >> 32, 0, 0))[0]
     u    = (r >> 8) * 2^-24                                          (float32 in [0, 1), exact)
     keep = u >= dropout_p
-Triton's tl.randint(seed, c) (int64 seed and counter) is exactly this Philox, and the CUDA kernels
-implement it as a device function, so the three backends drop the same elements for the same seed.
+Triton's tl.randint(seed, c) (int64 seed and counter) is exactly this Philox; the Triton and CUDA
+kernels spell it out as a device function, so the three backends drop the same elements for the
+same seed.
 The mask is never stored: the backward recomputes it from (seed, offset).
 
 Here the 32-bit arithmetic runs in int64 tensors: a product of two values below 2^32 wraps modulo
@@ -40,21 +43,28 @@ def philox_word0(seed: int, counter: torch.Tensor) -> torch.Tensor:
     return c0
 
 
+_CHUNK = 1 << 22  # counters per step: the int64 temporaries cost ~50 bytes each
+
+
 def dropout_uniform(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, device,
                     q_start: int = 0, q_stop: int | None = None) -> torch.Tensor:
     """u of the spec for query rows [q_start, q_stop): (B, H, rows, Lk) float32."""
     q_stop = Lq if q_stop is None else q_stop
+    out = torch.empty((B, H, q_stop - q_start, Lk), dtype=torch.float32, device=device)
+    step = max(1, _CHUNK // max(1, B * H * Lk))
     b = torch.arange(B, device=device, dtype=torch.int64).view(B, 1, 1, 1)
     h = torch.arange(H, device=device, dtype=torch.int64).view(1, H, 1, 1)
-    i = torch.arange(q_start, q_stop, device=device, dtype=torch.int64).view(1, 1, -1, 1)
     j = torch.arange(Lk, device=device, dtype=torch.int64).view(1, 1, 1, Lk)
-    c = offset + ((b * H + h) * Lq + i) * Lk + j
-    r = philox_word0(seed, c)
-    return (r >> 8).to(torch.float32) * (2.0 ** -24)
+    for r0 in range(q_start, q_stop, step):
+        r1 = min(q_stop, r0 + step)
+        i = torch.arange(r0, r1, device=device, dtype=torch.int64).view(1, 1, -1, 1)
+        c = offset + ((b * H + h) * Lq + i) * Lk + j
+        out[:, :, r0 - q_start:r1 - q_start] = (philox_word0(int(seed), c) >> 8).to(torch.float32) * (2.0 ** -24)
+    return out
 
 
-def dropout_keep_mask(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, dropout_p: float, device,
+def dropout_keep_mask(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, device, dropout_p: float,
                       q_start: int = 0, q_stop: int | None = None) -> torch.Tensor:
-    """keep mask of the spec: (B, H, rows, Lk) bool."""
+    """keep mask of the spec (u >= dropout_p, compared in float32): (B, H, rows, Lk) bool."""
     u = dropout_uniform(seed, offset, B, H, Lq, Lk, device, q_start, q_stop)
     return u >= torch.tensor(dropout_p, dtype=torch.float32, device=device)
