@@ -202,6 +202,20 @@ def test_torch_compile_fullgraph_with_dropout():
     torch.testing.assert_close(f0(q, k, v), naive_attention(q, k, v, True).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_kvcache_fullgraph():
+    f = torch.compile(lambda q, kc, vc, lens, kn, vn: fl.attention_with_kvcache(q, kc, vc, lens, kn, vn),
+                      fullgraph=True, backend="aot_eager")
+    B, Lmax, H, D = 2, 16, 2, 8
+    kc, vc = torch.randn(B, Lmax, H, D), torch.randn(B, Lmax, H, D)
+    kc2, vc2 = kc.clone(), vc.clone()
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    q, kn, vn = (torch.randn(B, 1, H, D) for _ in range(3))
+    o = f(q, kc, vc, lens, kn, vn)
+    o_ref = fl.attention_with_kvcache(q, kc2, vc2, lens, kn, vn, backend="torch")
+    torch.testing.assert_close(o, o_ref)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
 def test_nn_self_attention_module():
     torch.manual_seed(0)
     m = fl.nn.MultiheadSelfAttention(16, 4, causal=True, dropout=0.5).eval()

@@ -293,9 +293,10 @@ def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softm
                                       or not math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
     # Lengths live on the device: checking them costs a host sync, so it is skipped while a CUDA
-    # graph is being captured (the kernels never write past Lmax regardless).
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing:
+    # graph is being captured or torch.compile traces (the kernels never write past Lmax regardless).
+    if torch.compiler.is_compiling():
+        return
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         need = Lq if k_new is not None else 0
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens)) if B else (0, 0)
         if lo < 0:
