@@ -742,5 +742,7 @@ def unsupported_reason(q, k, v, causal, key_padding_mask, dropout_p) -> "str | N
     return None
 
 
-def kvcache_unsupported_reason(q, k_cache) -> "str | None":
-    return _common_reason(q, [("k_cache", k_cache)])
+def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None) -> "str | None":
+    others = [(n, t) for n, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new))
+              if t is not None]
+    return _common_reason(q, others)

@@ -35,7 +35,7 @@ struct Traits {
   static_assert(D % 32 == 0, "head dim must be a multiple of 32 (16-column ldmatrix pairs)");
 };
 
-// The head dims this build compiles; fl_build_info() publishes the same list (attention.cu).
+// The head dims this build compiles; fl_build_info() publishes the same list (attention_fwd.cu).
 #define FL_ATTN_HEAD_DIMS_JSON "[32, 64, 96, 128]"
 
 // Runtime head dim -> `constexpr int kHeadDim` inside the body; unknown -> FL_ERR_UNSUPPORTED.

@@ -71,9 +71,11 @@ def unsupported_reason(q, k, v, causal, key_padding_mask, dropout_p) -> str | No
     return None
 
 
-def kvcache_unsupported_reason(q, k_cache) -> str | None:
-    """Why the CUDA backend cannot run attention_with_kvcache, or None when it can."""
-    return _common_reason(q, (("q", q), ("k_cache", k_cache)))
+def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None) -> str | None:
+    """Why the CUDA backend cannot run attention_with_kvcache, or None when it can (every tensor's
+    dtype, device, strides and alignment are checked, so auto selection never meets a C-side error)."""
+    named = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new))
+    return _common_reason(q, tuple((n, t) for n, t in named if t is not None))
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:

@@ -142,7 +142,7 @@ class _TorchBackend:
         return None
 
     @staticmethod
-    def kvcache_unsupported_reason(q, k_cache):
+    def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None):
         return None
 
 
@@ -169,9 +169,9 @@ def _select(backend, q, k, v, causal, key_padding_mask, dropout_p):
     return BACKENDS.select(backend, q.device, case_reason)
 
 
-def _select_kv(backend, q, k_cache):
+def _select_kv(backend, q, k_cache, v_cache=None, k_new=None, v_new=None):
     def case_reason(name, mod):
-        return _kernel_dtype_reason(name, q) or mod.kvcache_unsupported_reason(q, k_cache)
+        return _kernel_dtype_reason(name, q) or mod.kvcache_unsupported_reason(q, k_cache, v_cache, k_new, v_new)
     return BACKENDS_KV.select(backend, q.device, case_reason)
 
 
@@ -329,7 +329,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
         name = _resolve_kv_for_trace(backend, str(q.device), str(q.dtype).replace("torch.", ""), q.shape[-1])
         return torch.ops.fastlayers.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                                            scale, causal, name)
-    name = _select_kv(backend, q, k_cache)
+    name = _select_kv(backend, q, k_cache, v_cache, k_new, v_new)
     BACKENDS_KV.record(name)
     with device_guard(q):
         return BACKENDS_KV.module(name).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
