@@ -80,7 +80,9 @@ def build_cuda_library(verbose=False):
     LIB_DIR.mkdir(parents=True, exist_ok=True)
     sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*.cu"))
     headers = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*.h*"))
-    cflags = (f"-std=c++17 -O3 --use_fast_math -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
+    # Host code may only dispatch to sm_90a kernels (wgmma/TMA) when the build contains them.
+    hopper = "-DFL_HAS_SM90A=1 " if "90a" in archs else ""
+    cflags = (f"{hopper}-std=c++17 -O3 --use_fast_math -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
               f"-I{ROOT}/csrc/include -I{ROOT}/csrc/common -I{ROOT}/csrc "
               f"-DFL_VERSION=\\\"{VERSION}\\\" -DFL_ARCHS=\\\"{arch_nums}\\\" "
               f"-Xptxas=-warn-spills --expt-relaxed-constexpr {gencode} "
