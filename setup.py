@@ -88,6 +88,7 @@ def build_cuda_library(verbose=False):
               f"-Xptxas=-warn-spills --expt-relaxed-constexpr {gencode} "
               + os.environ.get("FASTLAYERS_NVCC_FLAGS", ""))
     lines = [
+        f"builddir = {build_dir.as_posix()}",  # ninja's log and deps live with the objects
         f"nvcc = {nvcc}",
         f"cflags = {cflags}",
         "rule cu",
