@@ -14,7 +14,11 @@ triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32)) through the pt
 the installed triton wheel. One line per kernel variant and arch: registers, spill bytes
 (stores/loads; on a Triton cache hit the cubin's stack-frame bytes, marked *), shared memory
 (bytes, Triton's allocation; more than the arch's per-block limit is a FAIL), status OK / SPILL /
-FAIL. Exit status 1 if any variant fails (spills are reported, not failed). A cold run of
+FAIL. Exit status 1 if any variant fails (spills are reported, not failed). A kernel launched with
+host TMA descriptors (kernels/linear.py on sm_90 picks them for aligned operands) is listed as
+"name[tma]" and FAILs unless its PTX holds the bulk tensor copy (cp.async.bulk.tensor, UTMALDG in
+SASS); the "ptr" linear cases use operands TMA cannot take (odd row strides), so the pointer path
+is checked on sm_90 too. FASTLAYERS_TRITON_TMA=0 in the environment turns TMA off. A cold run of
 everything takes ~6 min on 2 busy cores; narrow it with --arch / --only / --dtype / --filter.
 
 Uses two private Triton helpers (runtime.jit.create_function_from_signature and
@@ -42,6 +46,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from fastlayers.kernels import attention as attn_mod  # noqa: E402
 from fastlayers.kernels import layer_norm as ln_mod  # noqa: E402
@@ -155,6 +160,10 @@ def cases_linear(dt):
     yield (f"16x{N}x{K} fwd none", lin_mod.linear_fwd, (xs, w, b, None, None, False))
     for act in (None, "gelu"):
         yield (f"{M}x{N}x{K} bwd {act or 'none'}", lin_mod.linear_bwd, (r, x, w, r, act, True, True, True))
+    # Odd row strides (column slices): no TMA possible, the pointer path runs on sm_90 as well.
+    xo, ro = _t(M, K + 1, dtype=dt)[:, :K], _t(M, N + 1, dtype=dt)[:, :N]
+    yield (f"{M}x{N}x{K} fwd gelu+res ptr", lin_mod.linear_fwd, (xo, w, b, "gelu", r, True))
+    yield (f"{M}x{N}x{K} bwd gelu ptr", lin_mod.linear_bwd, (ro, xo, w, ro, "gelu", True, True, False))
     # long M, small N x K: the dweight GEMM splits M and sums fp32 partials
     xl, wl, dyl = _t(16384, 256, dtype=dt), _t(256, 256, dtype=dt), _t(16384, 256, dtype=dt)
     yield ("16384x256x256 bwd gelu split-M", lin_mod.linear_bwd, (dyl, xl, wl, dyl, "gelu", True, True, True))
@@ -182,12 +191,15 @@ def specialise(kernel, cap, args, kwargs):
     return signature, constexprs, attrs, options, target
 
 
-def compile_one(kernel, signature, constexprs, attrs, options, target):
-    """-> (registers, spill stores, spill loads, shared bytes, from_cache) of kernel on target."""
+def compile_one(kernel, signature, constexprs, attrs, options, target, tma=False):
+    """-> (registers, spill stores, spill loads, shared bytes, from_cache) of kernel on target.
+    tma: the launch passed TMA descriptors; raise unless the PTX has the bulk tensor copy."""
     buf = io.StringIO()
     with _patched(triton.knobs.nvidia, dump_ptxas_log=True), contextlib.redirect_stdout(buf):
         ck = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                             options=options.__dict__)
+    if tma and "cp.async.bulk.tensor" not in ck.asm["ptx"]:
+        raise RuntimeError("TMA descriptors passed but no cp.async.bulk.tensor in the PTX")
     log = buf.getvalue()
     regs = _REGS.search(log)
     spill = _SPILL.search(log)
@@ -256,6 +268,8 @@ def main(argv=None):
                         continue
                     for kernel, kargs, kkw in launches:
                         kname = kernel.fn.__name__.lstrip("_").removesuffix("_kernel")
+                        tma = any(isinstance(v, TensorDescriptor) for v in (*kargs, *kkw.values()))
+                        kname += "[tma]" if tma else ""
                         try:
                             sig, cexp, attrs, opts, target = specialise(kernel, cap, kargs, dict(kkw))
                         except Exception as e:
@@ -271,7 +285,8 @@ def main(argv=None):
                         n += 1
                         t0 = time.time()
                         try:
-                            regs, sst, sld, smem, cached = compile_one(kernel, sig, cexp, attrs, opts, target)
+                            regs, sst, sld, smem, cached = compile_one(kernel, sig, cexp, attrs, opts, target,
+                                                                       tma)
                             if smem > _SMEM_MAX[cap]:
                                 raise RuntimeError(f"shared memory {smem} B > sm_{cap} limit {_SMEM_MAX[cap]} B")
                             status = "OK" if sst == 0 and sld == 0 else "SPILL"

@@ -22,9 +22,19 @@ Design decisions
   `for tile in range(pid, num_tiles, num_programs)`: with grid = num_tiles that is the classic one
   tile per program, with grid = number of SMs it is the persistent variant (chosen by heuristic for
   problems with many waves of tiles). One kernel body serves both, so there is no twin to drift.
-- No TMA: device-side tensor descriptors (tl.make_tensor_descriptor) need a global
-  triton.set_allocator side effect and cannot be exercised under the interpreter, so the Hopper
-  path uses the same pointer-based loads as Ampere (Triton still pipelines them with cp.async).
+- TMA on Hopper (compute capability >= 9) for the GEMM operands of the forward and of the dx
+  backward: HOST-side descriptors (triton.tools.tensor_descriptor.TensorDescriptor, same API in
+  Triton 3.6 and 3.9) built by the launcher, so no triton.set_allocator side effect is needed
+  (device-side tl.make_tensor_descriptor would need one). One kernel body serves both paths: the
+  constexpr USE_TMA only changes how tiles are loaded (desc.load, whose out-of-bounds elements are
+  zero, instead of masked pointer loads): the GEMM operands and, in the forward, the residual tile
+  (a pointer-loaded residual pushed the tanh-gelu+residual epilogue into spills with Triton 3.9's
+  ptxas, see benchmarks/triton_aot_check.py). Bias, activation, preact, residual add and the
+  stores are the same code. TMA is used only when every tensor it reads (x, W, residual; dy, z, W)
+  has a 16-byte aligned base, a row stride that is a multiple of 16 bytes and a contiguous last
+  dim; otherwise (e.g. an odd column slice of x) the pointer path runs, as it does on Ampere and
+  under the interpreter. FASTLAYERS_TRITON_TMA=0 in the environment (read at each launch)
+  disables TMA, for A/B benchmarking. The dweight GEMM keeps pointer loads.
 - Configs come from shape / dtype / architecture heuristics (cached), never from a first-call
   autotune; none of them has been tuned on a GPU yet.
 - The forward SAVES the pre-activation z = x @ W.T + b (save_preact=True) instead of letting the
@@ -46,6 +56,13 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+try:
+    # Host-side TMA descriptors (Triton >= 3.4; present with the same API in 3.6 and 3.9). Without
+    # them every launch takes the pointer path, exactly what such a Triton would run anyway.
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -107,13 +124,22 @@ def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _dz_tile(dy_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
-    # dz = dy * act'(z) in fp32 registers; the operand prologue shared by both gradient GEMMs.
-    dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+def _dz(dy, z, ACTIVATION: tl.constexpr):
+    # dz = dy * act'(z) in fp32 registers from loaded tiles (z unused when ACTIVATION == 0).
+    dz = dy.to(tl.float32)
     if ACTIVATION != 0:
-        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dz = dz * _activation_grad(z, ACTIVATION)
+        dz = dz * _activation_grad(z.to(tl.float32), ACTIVATION)
     return dz
+
+
+@triton.jit
+def _dz_tile(dy_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
+    # The pointer-load operand prologue shared by both gradient GEMMs: load dy (and z), then _dz.
+    dy = tl.load(dy_ptrs, mask=mask, other=0.0)
+    z = dy
+    if ACTIVATION != 0:
+        z = tl.load(z_ptrs, mask=mask, other=0.0)
+    return _dz(dy, z, ACTIVATION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,10 +147,10 @@ def _dz_tile(dy_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _linear_fwd_kernel(
-    x_ptr,      # (M, K) row stride stride_xm, unit column stride
-    w_ptr,      # (N, K) row stride stride_wn
+    x_src,      # (M, K) row stride stride_xm, unit column stride; USE_TMA: descriptor, block (BM, BK)
+    w_src,      # (N, K) row stride stride_wn; USE_TMA: descriptor, block (BN, BK)
     b_ptr,      # (N,) or dummy when not HAS_BIAS
-    res_ptr,    # (M, N) row stride stride_rm, or dummy when not HAS_RESIDUAL
+    res_src,    # (M, N) row stride stride_rm, or dummy when not HAS_RESIDUAL; USE_TMA: descr., (BM, BN)
     y_ptr,      # (M, N) contiguous output
     z_ptr,      # (M, N) contiguous pre-activation output, or dummy when not STORE_PREACT
     M, N, K,
@@ -133,6 +159,7 @@ def _linear_fwd_kernel(
     STORE_PREACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -142,15 +169,19 @@ def _linear_fwd_kernel(
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Out-of-range rows/columns are wrapped onto valid ones (not masked) so the main loop only
-        # masks the K tail; the store masks them out.
-        rows = offs_m % M
-        cols = offs_n % N
-        x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]   # (BM, BK)
-        w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]   # (BN, BK)
+        if not USE_TMA:
+            # Out-of-range rows/columns are wrapped onto valid ones (not masked) so the main loop
+            # only masks the K tail; the store masks them out. (TMA reads zeros out of bounds.)
+            rows = offs_m % M
+            cols = offs_n % N
+            x_ptrs = x_src + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]   # (BM, BK)
+            w_ptrs = w_src + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]   # (BN, BK)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
+            if USE_TMA:
+                a = x_src.load([pid_m * BLOCK_M, k * BLOCK_K])                          # (BM, BK)
+                b = w_src.load([pid_n * BLOCK_N, k * BLOCK_K])                          # (BN, BK)
+            elif EVEN_K:
                 a = tl.load(x_ptrs)
                 b = tl.load(w_ptrs)
             else:
@@ -161,8 +192,9 @@ def _linear_fwd_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+            if not USE_TMA:
+                x_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
 
         # Epilogue, all in fp32 registers.
         n_mask = offs_n < N
@@ -174,8 +206,12 @@ def _linear_fwd_kernel(
             tl.store(z_ptr + out_offs, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
         acc = _activation(acc, ACTIVATION)
         if HAS_RESIDUAL:
-            r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
-            acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+            if USE_TMA:
+                res = res_src.load([pid_m * BLOCK_M, pid_n * BLOCK_N])                  # (BM, BN)
+            else:
+                r_ptrs = res_src + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+                res = tl.load(r_ptrs, mask=out_mask, other=0.0)
+            acc += res.to(tl.float32)
         tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -184,15 +220,15 @@ def _linear_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _linear_bwd_dx_kernel(
-    dy_ptr,     # (M, N) row stride stride_dym
-    z_ptr,      # (M, N) pre-activation, row stride stride_zm (dummy when ACTIVATION == 0)
-    w_ptr,      # (N, K) row stride stride_wn
+    dy_src,     # (M, N) row stride stride_dym; USE_TMA: descriptor, block (BM, BN)
+    z_src,      # (M, N) pre-activation, row stride stride_zm (dummy when ACTIVATION == 0); as dy_src
+    w_src,      # (N, K) row stride stride_wn; USE_TMA: descriptor, block (BN, BK)
     dx_ptr,     # (M, K) contiguous output
     M, N, K,
     stride_dym, stride_zm, stride_wn,
     ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = tl.cdiv(K, BLOCK_K)
@@ -202,25 +238,36 @@ def _linear_bwd_dx_kernel(
         pid_m, pid_k = _grouped_tile(tile, num_pid_m, num_pid_k, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        rows = (offs_m % M).to(tl.int64)
-        cols = offs_k % K
-        dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_n[None, :]   # (BM, BN)
-        z_ptrs = z_ptr + rows[:, None] * stride_zm + offs_n[None, :]      # (BM, BN)
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + cols[None, :]   # (BN, BK)
+        if not USE_TMA:
+            rows = (offs_m % M).to(tl.int64)
+            cols = offs_k % K
+            dy_ptrs = dy_src + rows[:, None] * stride_dym + offs_n[None, :]   # (BM, BN)
+            z_ptrs = z_src + rows[:, None] * stride_zm + offs_n[None, :]      # (BM, BN)
+            w_ptrs = w_src + offs_n.to(tl.int64)[:, None] * stride_wn + cols[None, :]   # (BN, BK)
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n in range(0, tl.cdiv(N, BLOCK_N)):
-            n_left = N - n * BLOCK_N
-            w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)               # (BN, BK)
-            dz = _dz_tile(dy_ptrs, z_ptrs, offs_n[None, :] < n_left, ACTIVATION)        # (BM, BN)
+            if USE_TMA:
+                # Out-of-bounds elements read as zero: dz = 0 * act'(0) = 0 there, w rows = 0.
+                w = w_src.load([n * BLOCK_N, pid_k * BLOCK_K])                           # (BN, BK)
+                dy = dy_src.load([pid_m * BLOCK_M, n * BLOCK_N])                         # (BM, BN)
+                z = dy
+                if ACTIVATION != 0:
+                    z = z_src.load([pid_m * BLOCK_M, n * BLOCK_N])                       # (BM, BN)
+                dz = _dz(dy, z, ACTIVATION)
+            else:
+                n_left = N - n * BLOCK_N
+                w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)           # (BN, BK)
+                dz = _dz_tile(dy_ptrs, z_ptrs, offs_n[None, :] < n_left, ACTIVATION)    # (BM, BN)
             if UPCAST_DOT:
                 a = dz
                 w = w.to(tl.float32)
             else:
-                a = dz.to(w_ptr.dtype.element_ty)
+                a = dz.to(dx_ptr.dtype.element_ty)      # dx, W and dy share x.dtype
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-            dy_ptrs += BLOCK_N
-            z_ptrs += BLOCK_N
-            w_ptrs += BLOCK_N * stride_wn
+            if not USE_TMA:
+                dy_ptrs += BLOCK_N
+                z_ptrs += BLOCK_N
+                w_ptrs += BLOCK_N * stride_wn
         out_mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
         out_offs = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(dx_ptr + out_offs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
@@ -359,6 +406,43 @@ def _grid(cfg, num_tiles, num_sms):
     return (max(1, min(num_tiles, num_sms)) if cfg["persistent"] else max(1, num_tiles),)
 
 
+def _tma_compatible(t):
+    """TMA's constraints on a 2-D global tensor: 16-byte aligned base, row stride a multiple of
+    16 bytes, contiguous last dim."""
+    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * t.element_size()) % 16 == 0)
+
+
+def _use_tma(cfg, arch, *operands):
+    """Whether a kernel loads these 2-D operands through host TMA descriptors.
+
+    By default: Hopper or newer (arch >= 9), a Triton with TensorDescriptor, FASTLAYERS_TRITON_TMA
+    not "0", and every operand TMA-compatible. cfg["tma"] (the tests' private hook, also usable
+    under the interpreter) forces it off, or on, raising ValueError if an operand cannot take TMA.
+    """
+    forced = cfg.get("tma")
+    if forced is None:
+        return (arch >= 9 and TensorDescriptor is not None
+                and os.environ.get("FASTLAYERS_TRITON_TMA", "1") != "0"
+                and all(_tma_compatible(t) for t in operands))
+    if forced:
+        if TensorDescriptor is None:
+            raise ValueError("cfg['tma']=True: this Triton has no triton.tools.tensor_descriptor")
+        for t in operands:
+            if not _tma_compatible(t):
+                raise ValueError(f"cfg['tma']=True: operand with strides {t.stride()} at address "
+                                 f"{t.data_ptr()} is not TMA-compatible (16-byte alignment)")
+    return bool(forced)
+
+
+def _operand(t, use_tma, block_rows, block_cols):
+    # A GEMM operand as the kernel takes it: the tensor itself or a host TMA descriptor whose
+    # block is the tile one desc.load reads (out-of-bounds elements read as zero).
+    if not use_tma:
+        return t
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, block_cols])
+
+
 def _dot_flags(dtype):
     # (UPCAST_DOT, DOT_PRECISION)
     if _INTERPRET:
@@ -427,15 +511,19 @@ def _linear_fwd(x, weight, bias, activation, residual, save_preact, cfg):
                            activation is not None or residual is not None)
     upcast, precision = _dot_flags(x.dtype)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tma = _use_tma(cfg, arch, x, weight, *((residual,) if residual is not None else ()))
     _linear_fwd_kernel[_grid(cfg, tiles, num_sms)](
-        x, weight, bias if bias is not None else y, residual if residual is not None else y,
+        _operand(x, tma, cfg["BLOCK_M"], cfg["BLOCK_K"]),
+        _operand(weight, tma, cfg["BLOCK_N"], cfg["BLOCK_K"]),
+        bias if bias is not None else y,
+        _operand(residual, tma, cfg["BLOCK_M"], cfg["BLOCK_N"]) if residual is not None else y,
         y, preact if store_preact else y,
         M, N, K, x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0,
         HAS_BIAS=bias is not None, ACTIVATION=_ACT_CODE[activation],
         HAS_RESIDUAL=residual is not None, STORE_PREACT=store_preact,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], EVEN_K=K % cfg["BLOCK_K"] == 0,
-        UPCAST_DOT=upcast, DOT_PRECISION=precision,
+        UPCAST_DOT=upcast, DOT_PRECISION=precision, USE_TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y, preact
 
@@ -491,11 +579,15 @@ def _linear_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_dw,
             else:
                 cfg = cfg_dx or _gemm_config(M, K, N, x.element_size(), arch, num_sms, True)
                 tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"])
+                # The dx GEMM is (M x K) with reduction N: BLOCK_K / BLOCK_N are swapped below.
+                tma = _use_tma(cfg, arch, dy, weight, *((z,) if act else ()))
+                bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_N"]
                 _linear_bwd_dx_kernel[_grid(cfg, tiles, num_sms)](
-                    dy, z, weight, dx, M, N, K, dy.stride(0), z.stride(0), weight.stride(0),
-                    ACTIVATION=act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_K"],
-                    BLOCK_K=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
-                    UPCAST_DOT=upcast, DOT_PRECISION=precision,
+                    _operand(dy, tma, bm, bn), _operand(z, tma and act != 0, bm, bn),
+                    _operand(weight, tma, bn, bk), dx, M, N, K,
+                    dy.stride(0), z.stride(0), weight.stride(0),
+                    ACTIVATION=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                    UPCAST_DOT=upcast, DOT_PRECISION=precision, USE_TMA=tma,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if needs_dw or has_bias:
         dw = torch.empty((N, K), device=x.device, dtype=weight.dtype)  # (N, K)

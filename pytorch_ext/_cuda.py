@@ -48,7 +48,7 @@ SIGNATURES: dict[str, tuple] = {
     "fl_attention_fwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
                                  c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64, c_ptr,
                                  c_ptr, c_i64, c_i64, c_i64, c_i64, c_i64, c_i64, c_i64,
-                                 c_f32, c_i32, c_f32, c_u64, c_u64, c_i32, c_ptr]),
+                                 c_f32, c_i32, c_f32, c_u64, c_u64, c_i32, c_i32, c_ptr]),
     "fl_attention_bwd_workspace_size": (c_i32, [c_i64, c_i64, c_i64, c_i64, c_i32, c_size_p]),
     "fl_attention_bwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
                                  c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,

@@ -338,3 +338,105 @@ def test_unsupported_reason():
     f32 = q.float()
     assert "float16" in ops.unsupported_reason(f32, f32, f32, False, None, 0.0)
     assert ops.kvcache_unsupported_reason(q, q) is None
+
+
+# ------------------------------------------------------------------ Hopper wgmma/TMA forward
+# FASTLAYERS_CUDA_ATTENTION picks the forward kernel (auto | mma | wgmma); "wgmma" runs
+# csrc/attention/attention_fwd_sm90.cu or raises, so these tests prove which kernel they measured.
+def test_forward_impl_env(monkeypatch):
+    from fastlayers.cuda_ops import attention
+    monkeypatch.delenv(attention.IMPL_ENV, raising=False)
+    assert attention.forward_impl() == 1  # default "mma" until the wgmma kernel is GPU-verified
+    for name, code in (("auto", 0), ("mma", 1), ("WGMMA", 2)):
+        monkeypatch.setenv(attention.IMPL_ENV, name)
+        assert attention.forward_impl() == code
+    monkeypatch.setenv(attention.IMPL_ENV, "fa3")
+    with pytest.raises(ValueError, match="FASTLAYERS_CUDA_ATTENTION"):
+        attention.forward_impl()
+
+
+def _hopper_ops():
+    ops = _ops()
+    if "wgmma" not in _cuda.build_info().get("attention_fwd_impls", []):
+        pytest.skip("the library was built without sm_90a")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma forward needs an sm_90 device")
+    return ops
+
+
+def _check_fwd(o, lse, q, k, v, kpm, scale, causal, dtype):
+    o_ref, lse_ref = _reference(q, k, v, kpm, scale, causal)
+    o_same, _ = _reference(q, k, v, kpm, scale, causal, dtype=dtype)
+    assert_close_rule(o, o_ref, o_same, what="o")
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse[~fin] == math.inf).all(), "lse of keyless rows"
+    assert (o.float().permute(0, 2, 1, 3)[~fin] == 0).all(), "o of keyless rows"
+    assert_close_rule(lse[fin], lse_ref[fin], floor=1e-4, what="lse")
+
+
+WGMMA_CASES = [  # (B, Lq, Lk, H): one tile, tails of the 128-row / 128-key tiles, Lq > Lk, Lq < Lk
+    (2, 128, 128, 3), (1, 1, 67, 2), (2, 67, 1, 2), (1, 7, 257, 2), (2, 129, 64, 1), (1, 257, 129, 2),
+    (1, 300, 520, 2),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", WGMMA_CASES)
+def test_fwd_wgmma_matches_reference(monkeypatch, dtype, D, causal, shape):
+    ops = _hopper_ops()
+    monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "wgmma")
+    B, Lq, Lk, H = shape
+    q, k, v = _inputs(B, Lq, Lk, H, D, dtype)
+    o, lse = ops.attention_fwd(q, k, v, None, D ** -0.5, causal, 0.0, 0, 0)
+    _check_fwd(o, lse, q, k, v, None, D ** -0.5, causal, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fwd_wgmma_padding_and_strides(monkeypatch, dtype, D, causal):
+    ops = _hopper_ops()
+    monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "wgmma")
+    B, Lq, Lk, H = 3, 150, 200, 2
+    qkv = torch.randn(B, Lq, 3, H, D, device="cuda", dtype=dtype)
+    q = qkv[:, :, 0]  # (B, Lq, H, D) view of a packed qkv buffer
+    k = torch.randn(B, H, Lk, D, device="cuda", dtype=dtype).transpose(1, 2)  # (B, Lk, H, D), h stride > l stride
+    v = torch.randn(B, Lk, H, D, device="cuda", dtype=dtype)  # (B, Lk, H, D)
+    kpm = _padding_mask(B, Lk, fully_masked_batch=1)  # batch 1: every row attends no key
+    o, lse = ops.attention_fwd(q, k, v, kpm, 0.1, causal, 0.0, 0, 0)
+    assert (lse[1] == math.inf).all() and (o[1] == 0).all()
+    _check_fwd(o, lse, q, k, v, kpm, 0.1, causal, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fwd_wgmma_agrees_with_mma(monkeypatch, dtype):
+    ops = _hopper_ops()
+    q, k, v = _inputs(2, 333, 333, 4, 128, dtype)
+    out = {}
+    for impl in ("mma", "wgmma", "auto"):
+        monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", impl)
+        out[impl] = ops.attention_fwd(q, k, v, None, 0.09, True, 0.0, 0, 0)
+    assert torch.equal(out["auto"][0], out["wgmma"][0]), "auto must pick the wgmma kernel on sm_90"
+    atol = 1e-2 if dtype == torch.float16 else 4e-2  # two kernels, different P roundings
+    torch.testing.assert_close(out["wgmma"][0], out["mma"][0], atol=atol, rtol=0)
+    torch.testing.assert_close(out["wgmma"][1], out["mma"][1], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_fwd_wgmma_explicit_unsupported_raises(monkeypatch):
+    ops = _ops()  # any GPU: off sm_90 (or without sm_90a code) every explicit "wgmma" case raises
+    monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "wgmma")
+    q, k, v = _inputs(1, 64, 64, 2, 64, torch.float16)
+    with pytest.raises(RuntimeError, match="wgmma"):
+        ops.attention_fwd(q, k, v, None, 0.125, False, 0.1, 0, 0)  # dropout runs the mma kernel only
+    q32, k32, v32 = _inputs(1, 64, 64, 2, 32, torch.float16)
+    with pytest.raises(RuntimeError, match="wgmma"):
+        ops.attention_fwd(q32, k32, v32, None, 0.125, False, 0.0, 0, 0)
+    monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "auto")  # auto runs both on the mma kernel
+    o, _ = ops.attention_fwd(q, k, v, None, 0.125, False, 0.1, 0, 0)
+    assert torch.isfinite(o.float()).all()

@@ -261,6 +261,54 @@ def test_linear_bwd_partial(needs_dx, needs_dw, activation):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_gelu_tanh_negative_tail(dtype):
+    """For z << 0, 1 + tanh(u) cancels: y and act' there must keep their relative accuracy (a fast
+    tanh approximation, relative error ~2^-11, is off by up to 100% at z ~ -4). Small floors."""
+    ops = _cuda_ops()
+    M, K, N = 256, 64, 128
+    x = (0.1 * torch.randn(M, K, device="cuda")).to(dtype)                      # (M, K)
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)                  # (N, K)
+    b = torch.full((N,), -4.0, device="cuda", dtype=dtype)                       # z ~ -4 (N,)
+    y, _ = ops.linear_fwd(x, w, b, "gelu_tanh", None, False)                     # (M, N)
+    z_ref = x.float() @ w.float().T + b.float()                                  # (M, N) fp32
+    assert_close_rule(y, _act(z_ref, "gelu_tanh"), _act(F.linear(x, w, b), "gelu_tanh"), floor=1e-6, what="y")
+    dy = torch.randn(M, N, device="cuda", dtype=dtype)                           # (M, N)
+    preact = (0.5 * torch.randn(M, N, device="cuda") - 4.0).to(dtype)            # (M, N)
+    _, _, db = ops.linear_bwd(dy, x, w, preact, "gelu_tanh", True, False, True)
+    dz = dy.float() * _act_grad(preact, "gelu_tanh")                             # (M, N) fp32
+    assert_close_rule(db, dz.sum(0), dz.to(dtype).sum(0), floor=1e-5, what="dbias")
+
+
+@pytest.mark.gpu
+def test_linear_broadcast_rows_and_empty_k():
+    """Read-only operands with row stride 0 (torch's expand, e.g. the gradient of y.sum(0)), and
+    K == 0 (empty x / weight / dweight, whose data pointers torch leaves null)."""
+    ops = _cuda_ops()
+    dtype = torch.float16
+    M, K, N = 100, 64, 48
+    x = torch.randn(M, K, device="cuda", dtype=dtype)                            # (M, K)
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)                  # (N, K)
+    r = torch.randn(1, N, device="cuda", dtype=dtype).expand(M, N)               # (M, N), stride (0, 1)
+    y, _ = ops.linear_fwd(x, w, None, "relu", r, False)
+    y_ref = F.relu(x.float() @ w.float().T) + r.float()
+    assert_close_rule(y, y_ref, F.relu(F.linear(x, w)) + r, what="y (broadcast residual)")
+    dy = torch.randn(1, N, device="cuda", dtype=dtype).expand(M, N)              # (M, N), stride (0, 1)
+    preact = torch.randn(M, N, device="cuda", dtype=dtype)                       # (M, N)
+    dx, dw, db = ops.linear_bwd(dy, x, w, preact, "gelu", True, True, True)
+    dz = dy.float() * _act_grad(preact, "gelu")                                  # (M, N) fp32
+    dz_t = dz.to(dtype)
+    assert_close_rule(dx, dz @ w.float(), dz_t @ w, what="dx (broadcast dy)")
+    assert_close_rule(dw, dz.T @ x.float(), dz_t.T @ x, what="dweight (broadcast dy)")
+    assert_close_rule(db, dz.sum(0), dz_t.sum(0), what="dbias (broadcast dy)")
+    x0 = torch.empty(M, 0, device="cuda", dtype=dtype)                           # (M, 0)
+    w0 = torch.empty(N, 0, device="cuda", dtype=dtype)                           # (N, 0)
+    dx, dw, db = ops.linear_bwd(dy, x0, w0, preact, "gelu", True, True, True)
+    assert dx.shape == (M, 0) and dw.shape == (N, 0)
+    assert_close_rule(db, dz.sum(0), dz_t.sum(0), what="dbias (K == 0)")
+
+
+@pytest.mark.gpu
 def test_linear_bwd_deterministic():
     ops = _cuda_ops()
     dy = torch.randn(4099, 384, device="cuda", dtype=torch.bfloat16)
@@ -289,3 +337,9 @@ def test_linear_abi_without_device_reports_cuda_error():
     lib = _raw_lib()
     st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 1, 1, None)
     assert st == 3 and lib.fl_last_error()
+    # Valid, so they pass the argument checks and fail only at the device: a broadcast row
+    # (row stride 0) of a read-only operand, and K == 0 with null x / dweight (torch's empty tensors).
+    st = lib.fl_linear_fwd(FAKE, 0, FAKE, 8, None, FAKE, 0, FAKE, 8, None, 0, 4, 8, 8, 1, 1, None)
+    assert st == 3, lib.fl_last_error()
+    st = lib.fl_linear_bwd_dw(FAKE, 0, FAKE, 8, None, 0, None, 0, FAKE, 4, 8, 0, 1, 1, None)
+    assert st == 3, lib.fl_last_error()

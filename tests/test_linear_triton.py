@@ -6,6 +6,8 @@ same small cases compiled on the GPU. Tests marked `gpu` check large fp16/bf16 p
 most 2x torch's own same-dtype error against an fp32 reference. They need the module imported
 WITHOUT the interpreter, so in a process where another test file already set TRITON_INTERPRET=1
 they skip and say so (run `pytest -m gpu tests/test_linear_triton.py` on its own).
+The Hopper TMA variant (host tensor descriptors) is forced by the tests named *tma* (the
+interpreter runs desc.load on CPU tensors); on a GPU they need compute capability >= 9.
 """
 import os
 
@@ -70,8 +72,17 @@ def _assert_close(name, out, ref, torch_out):
     assert err <= 2 * torch_err + floor, f"{name}: error {err:.3g} > 2 x torch {torch_err:.3g} + {floor:.3g}"
 
 
-def _inputs(M, K, N, dtype, has_bias, has_residual, device=DEVICE, seed=0):
+def _inputs(M, K, N, dtype, has_bias, has_residual, device=DEVICE, seed=0, aligned=False):
     g = torch.Generator().manual_seed(seed)
+    if aligned:
+        # TMA-compatible column slices: offset 0, row strides padded to a multiple of 16 elements
+        # (and 16 more), so ragged K / N still give 16-byte aligned rows.
+        def cols(rows, n, scale=1.0):
+            wide = torch.randn(rows, (n + 31) // 16 * 16, generator=g) * scale
+            return wide.to(device=device, dtype=dtype)[:, :n]
+        x, w = cols(M, K), cols(N, K, K ** -0.5)                                   # (M, K), (N, K)
+        b = torch.randn(N, generator=g).to(device=device, dtype=dtype) if has_bias else None
+        return x, w, b, cols(M, N) if has_residual else None, cols(M, N)          # r, dy (M, N)
     # x is a column slice of a wider tensor: row stride K + 7, offset 3 elements.
     wide = torch.randn(M, K + 7, generator=g)
     x = wide.to(device=device, dtype=dtype)[:, 3:3 + K]                           # (M, K)
@@ -84,8 +95,8 @@ def _inputs(M, K, N, dtype, has_bias, has_residual, device=DEVICE, seed=0):
     return x, w, b, r, dy
 
 
-def _check(M, K, N, dtype, activation, has_bias, has_residual, cfg=None, split=None):
-    x, w, b, r, dy = _inputs(M, K, N, dtype, has_bias, has_residual)
+def _check(M, K, N, dtype, activation, has_bias, has_residual, cfg=None, split=None, aligned=False):
+    x, w, b, r, dy = _inputs(M, K, N, dtype, has_bias, has_residual, aligned=aligned)
     y, z = L._linear_fwd(x, w, b, activation, r, True, cfg)
     dx, dw, db = L._linear_bwd(dy, x, w, z, activation, has_bias, True, True, cfg, cfg, split)
     ref = _reference(x.double(), w.double(), None if b is None else b.double(),
@@ -143,6 +154,48 @@ def test_linear_persistent(activation):
 def test_linear_dweight_split_m(split):
     # The dweight GEMM split over M into fp32 partials + the fixed-order sum (dbias too).
     _check(100, 33, 40, torch.float16, "gelu", True, False, split=split)
+
+
+# TMA variant (host TensorDescriptor loads of the forward's x, W, residual and the dx GEMM's dy, z,
+# W), forced through the private cfg["tma"] hook: the interpreter runs desc.load on CPU tensors.
+# N is a multiple of 8 (the preact z is contiguous (M, N) and must have 16-byte rows) but not of
+# the 32-wide tiles; K and M are ragged. Compiled, it needs a Hopper GPU.
+_needs_tma = pytest.mark.skipif(
+    not L._INTERPRET and (not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9),
+    reason="TMA needs the interpreter or a GPU of compute capability >= 9")
+TMA_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1,
+               persistent=False, tma=True)
+TMA_SHAPES = [(1, 17, 40), (37, 136, 24), (5, 33, 72)]
+
+
+@_needs_tma
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("M,K,N", TMA_SHAPES)
+def test_linear_tma(M, K, N, dtype, activation):
+    _check(M, K, N, dtype, activation, True, True, cfg=TMA_CFG, aligned=True)
+
+
+@_needs_tma
+@pytest.mark.parametrize("has_residual", [False, True])
+def test_linear_tma_persistent(has_residual):
+    cfg = dict(TMA_CFG, GROUP_M=3, num_stages=2, persistent=True)
+    _check(37, 72, 136, torch.float16, "gelu_tanh", False, has_residual, cfg=cfg, aligned=True)
+
+
+def test_linear_tma_selection(monkeypatch):
+    x, w, b, r, dy = _inputs(5, 33, 24, torch.float16, True, True, aligned=True)
+    xo = _inputs(5, 33, 24, torch.float16, True, True)[0]      # offset 3 elements: 6-byte aligned
+    monkeypatch.delenv("FASTLAYERS_TRITON_TMA", raising=False)
+    assert L._use_tma({}, 9, x, w, r) == (L.TensorDescriptor is not None)
+    assert not L._use_tma({}, 8, x, w, r)                       # Ampere: pointer path
+    assert not L._use_tma({}, 9, xo, w, r)                      # misaligned x: pointer path
+    assert not L._use_tma({}, 9, torch.randn(5, 33, device=DEVICE).half(), w)  # 66-byte rows
+    assert not L._use_tma(dict(tma=False), 9, x, w, r)
+    monkeypatch.setenv("FASTLAYERS_TRITON_TMA", "0")
+    assert not L._use_tma({}, 9, x, w, r)
+    with pytest.raises(ValueError, match="TMA"):
+        L._linear_fwd(xo, w, b, None, r, False, TMA_CFG)
 
 
 def test_linear_flags_and_nones():
@@ -203,8 +256,8 @@ GPU_SHAPES = [
 ]
 
 
-def _gpu_check(M, K, N, dtype, activation):
-    x, w, b, r, dy = _inputs(M, K, N, dtype, True, True, device="cuda", seed=M + K + N)
+def _gpu_check(M, K, N, dtype, activation, aligned=False):
+    x, w, b, r, dy = _inputs(M, K, N, dtype, True, True, device="cuda", seed=M + K + N, aligned=aligned)
     y, z = L.linear_fwd(x, w, b, activation, r, True)
     dx, dw, db = L.linear_bwd(dy, x, w, z, activation, True, True, True)
     ref = _reference(x.float(), w.float(), b.float(), r.float(), dy.float(), activation, torch.float32)
@@ -226,6 +279,22 @@ def test_linear_gpu_large(M, K, N, dtype):
 @pytest.mark.parametrize("activation", ACTS)
 def test_linear_gpu_activations(activation):
     _gpu_check(2049, 1535, 3073, torch.bfloat16, activation)
+
+
+@pytest.mark.gpu
+@_needs_compiled_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M,K,N,activation", [
+    (4097, 4095, 1032, "gelu"), (33, 8191, 4104, "gelu_tanh"), (8192, 8192, 8192, None)])
+def test_linear_gpu_tma(M, K, N, activation, dtype, monkeypatch):
+    # 16-byte aligned operands: on Hopper the default heuristics pick the TMA variant (forward and
+    # dx); the other GPU tests use misaligned slices, i.e. the pointer path.
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    monkeypatch.delenv("FASTLAYERS_TRITON_TMA", raising=False)
+    x, w, b, r, dy = _inputs(M, K, N, dtype, True, True, device="cuda", aligned=True)
+    assert L._use_tma({}, 9, x, w, r) and L._use_tma({}, 9, dy, w, r), "expected the TMA variant"
+    _gpu_check(M, K, N, dtype, activation, aligned=True)
 
 
 @pytest.mark.gpu

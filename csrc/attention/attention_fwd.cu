@@ -15,6 +15,7 @@
 #include <string>
 
 #include "attention/attention_common.cuh"
+#include "attention/attention_fwd_sm90.cuh"
 
 namespace fl {
 namespace attn {
@@ -308,6 +309,11 @@ fl_status kvcache_splits(int64_t B, int64_t Lq, int64_t H, int64_t D, int64_t Lm
 
 // Published in fl_build_info() so Python never re-states the list.
 static const bool g_registered = register_info("attention_head_dims", FL_ATTN_HEAD_DIMS_JSON);
+#if FL_HAS_SM90A
+static const bool g_registered_impls = register_info("attention_fwd_impls", "[\"mma\", \"wgmma\"]");
+#else
+static const bool g_registered_impls = register_info("attention_fwd_impls", "[\"mma\"]");
+#endif
 
 }  // namespace attn
 }  // namespace fl
@@ -328,13 +334,16 @@ extern "C" fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, i
                                       const uint8_t* key_padding_mask, int64_t kpm_b, int64_t kpm_l,
                                       int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
                                       float softmax_scale, int32_t causal, float dropout_p,
-                                      uint64_t seed, uint64_t offset, int32_t dtype, void* stream) {
+                                      uint64_t seed, uint64_t offset, int32_t impl, int32_t dtype,
+                                      void* stream) {
   FL_REQUIRE(B >= 0 && Lq >= 0 && Lk >= 0 && H >= 0, "fl_attention_fwd: sizes must be >= 0, got B=%lld Lq=%lld Lk=%lld H=%lld",
              (long long)B, (long long)Lq, (long long)Lk, (long long)H);
   FL_REQUIRE(B <= 65535 && H <= 65535 && Lq < (1ll << 31) && Lk < (1ll << 31),
              "fl_attention_fwd: B and H must be <= 65535 and Lq, Lk < 2^31, got B=%lld H=%lld Lq=%lld Lk=%lld",
              (long long)B, (long long)H, (long long)Lq, (long long)Lk);
   FL_REQUIRE(dropout_p >= 0.f && dropout_p < 1.f, "fl_attention_fwd: dropout_p must be in [0, 1), got %g", dropout_p);
+  FL_REQUIRE(impl == FL_ATTENTION_IMPL_AUTO || impl == FL_ATTENTION_IMPL_MMA || impl == FL_ATTENTION_IMPL_WGMMA,
+             "fl_attention_fwd: impl must be 0 (auto), 1 (mma) or 2 (wgmma), got %d", (int)impl);
   if (B == 0 || Lq == 0 || H == 0) return FL_OK;
   FL_ATTN_REQUIRE_ROWS("fl_attention_fwd: q", q, q_b, q_l, q_h);
   FL_ATTN_REQUIRE_ROWS("fl_attention_fwd: o", o, o_b, o_l, o_h);
@@ -357,6 +366,19 @@ extern "C" fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, i
   p.seed = seed; p.offset = offset;
   p.num_splits = 1;
   cudaStream_t st = fl::as_stream(stream);
+  // Hopper: the wgmma/TMA kernel when it can run the case (auto), or because it was asked for
+  // (wgmma: a case it cannot run is an error, never a silent switch to the mma kernel).
+  if (impl != FL_ATTENTION_IMPL_MMA && (dtype == FL_F16 || dtype == FL_BF16)) {
+    const std::string why = fl::attn::sm90::fwd_sm90_unsupported(p, D);
+    if (why.empty()) {
+      // FL_ERR_UNSUPPORTED comes back only before anything was launched (e.g. the driver refused a
+      // tensor map): under auto the mma kernel then takes the case.
+      const fl_status s = fl::attn::sm90::launch_fwd_sm90(p, D, dtype, st);
+      if (s != FL_ERR_UNSUPPORTED || impl == FL_ATTENTION_IMPL_WGMMA) return s;
+    } else if (impl == FL_ATTENTION_IMPL_WGMMA) {
+      return fl::set_error(FL_ERR_UNSUPPORTED, "fl_attention_fwd: impl=wgmma cannot run this case: " + why);
+    }
+  }
   return FL_DISPATCH_HALF(dtype, "fl_attention_fwd", [&] {
     return FL_ATTN_DISPATCH_HEAD_DIM(D, "fl_attention_fwd", [&] {
       return fl::attn::launch_fwd<kHeadDim, scalar_t>(p, st);

@@ -94,7 +94,13 @@ FL_API fl_status fl_layer_norm_bwd(const void* dy, int64_t dy_row_stride,
  * causal != 0: bottom-right aligned, query i attends key j iff j <= i + Lk - Lq.
  * Dropout (0 <= dropout_p < 1) on the normalised probabilities, kept values scaled by 1/(1-p),
  * keep iff ((philox4x32-10(key (seed_lo, seed_hi), counter (c_lo, c_hi, 0, 0)).x >> 8) * 2^-24
- * >= dropout_p with c = offset + ((b*H + h)*Lq + i)*Lk + j (the mask of every fastlayers backend). */
+ * >= dropout_p with c = offset + ((b*H + h)*Lq + i)*Lk + j (the mask of every fastlayers backend).
+ * impl picks the kernel (stateless; the Python launcher reads FASTLAYERS_CUDA_ATTENTION):
+ * FL_ATTENTION_IMPL_AUTO = the sm_90a wgmma/TMA kernel when the build has it, the device is
+ * sm_90, D is 64 or 128, dropout_p == 0 and the tensors suit TMA, else the mma.sync kernel;
+ * _MMA = always the mma.sync kernel; _WGMMA = the wgmma kernel or FL_ERR_UNSUPPORTED with the
+ * reason.  fl_build_info()["attention_fwd_impls"] lists the kernels this build has. */
+enum { FL_ATTENTION_IMPL_AUTO = 0, FL_ATTENTION_IMPL_MMA = 1, FL_ATTENTION_IMPL_WGMMA = 2 };
 FL_API fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
                                   const void* k, int64_t k_b, int64_t k_l, int64_t k_h,
                                   const void* v, int64_t v_b, int64_t v_l, int64_t v_h,
@@ -102,7 +108,8 @@ FL_API fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, int64
                                   const uint8_t* key_padding_mask, int64_t kpm_b, int64_t kpm_l,
                                   int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
                                   float softmax_scale, int32_t causal, float dropout_p,
-                                  uint64_t seed, uint64_t offset, int32_t dtype, void* stream);
+                                  uint64_t seed, uint64_t offset, int32_t impl, int32_t dtype,
+                                  void* stream);
 /* Bytes of workspace fl_attention_bwd needs (delta, and the fp32 dq accumulator when
  * deterministic == 0); the workspace must be 256-byte aligned. */
 FL_API fl_status fl_attention_bwd_workspace_size(int64_t B, int64_t Lq, int64_t H, int64_t D,

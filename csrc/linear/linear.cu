@@ -118,6 +118,11 @@ using fl::linear::pair_aligned;
 #define FL_LINEAR_CHECK_STRIDE(fn, name, ld, rows, cols)                                            \
   FL_REQUIRE((rows) <= 1 || (ld) >= (cols), fn ": " name " must be >= %lld (the row length), got %lld", \
              (long long)(cols), (long long)(ld))
+// Read-only operands may also broadcast one row (row stride 0, e.g. torch's expand of a gradient).
+#define FL_LINEAR_CHECK_IN_STRIDE(fn, name, ld, rows, cols)                                         \
+  FL_REQUIRE((rows) <= 1 || (ld) == 0 || (ld) >= (cols),                                             \
+             fn ": " name " must be 0 (broadcast row) or >= %lld (the row length), got %lld",       \
+             (long long)(cols), (long long)(ld))
 
 extern "C" {
 
@@ -131,10 +136,10 @@ FL_API fl_status fl_linear_fwd(const void* x, int64_t x_row_stride, const void* 
   if (M == 0 || N == 0) return FL_OK;
   FL_REQUIRE(K == 0 || (x && weight), "fl_linear_fwd: x and weight must be non-null when K > 0");
   FL_REQUIRE(y != nullptr, "fl_linear_fwd: y must be non-null");
-  FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "x_row_stride", x_row_stride, M, K);
-  FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "weight_row_stride", weight_row_stride, N, K);
+  FL_LINEAR_CHECK_IN_STRIDE("fl_linear_fwd", "x_row_stride", x_row_stride, M, K);
+  FL_LINEAR_CHECK_IN_STRIDE("fl_linear_fwd", "weight_row_stride", weight_row_stride, N, K);
   FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "y_row_stride", y_row_stride, M, N);
-  if (residual) FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "residual_row_stride", residual_row_stride, M, N);
+  if (residual) FL_LINEAR_CHECK_IN_STRIDE("fl_linear_fwd", "residual_row_stride", residual_row_stride, M, N);
   if (preact) FL_LINEAR_CHECK_STRIDE("fl_linear_fwd", "preact_row_stride", preact_row_stride, M, N);
 
   GemmParams p{};
@@ -162,10 +167,10 @@ FL_API fl_status fl_linear_bwd_dx(const void* dy, int64_t dy_row_stride, const v
   FL_REQUIRE(N == 0 || (dy && weight), "fl_linear_bwd_dx: dy and weight must be non-null when N > 0");
   FL_REQUIRE(activation == FL_ACT_NONE || N == 0 || preact != nullptr,
              "fl_linear_bwd_dx: preact must be non-null with activation %d", (int)activation);
-  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dx", "dy_row_stride", dy_row_stride, M, N);
+  FL_LINEAR_CHECK_IN_STRIDE("fl_linear_bwd_dx", "dy_row_stride", dy_row_stride, M, N);
   if (activation != FL_ACT_NONE)
-    FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dx", "preact_row_stride", preact_row_stride, M, N);
-  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dx", "weight_row_stride", weight_row_stride, N, K);
+    FL_LINEAR_CHECK_IN_STRIDE("fl_linear_bwd_dx", "preact_row_stride", preact_row_stride, M, N);
+  FL_LINEAR_CHECK_IN_STRIDE("fl_linear_bwd_dx", "weight_row_stride", weight_row_stride, N, K);
   FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dx", "dx_row_stride", dx_row_stride, M, K);
 
   // dx (M, K) = dz (M, N) @ W (N, K): GEMM (M, K, reduction N); A = dz K-major, B = W MN-major.
@@ -189,14 +194,15 @@ FL_API fl_status fl_linear_bwd_dw(const void* dy, int64_t dy_row_stride, const v
   const char* fn = "fl_linear_bwd_dw";
   FL_LINEAR_CHECK_SIZES("fl_linear_bwd_dw");
   if (N == 0) return FL_OK;
-  FL_REQUIRE(dweight != nullptr, "fl_linear_bwd_dw: dweight must be non-null");
-  FL_REQUIRE(M == 0 || (dy && x), "fl_linear_bwd_dw: dy and x must be non-null when M > 0");
+  // With K == 0, dweight (N, 0) and x (M, 0) are empty (torch gives them null data pointers).
+  FL_REQUIRE(K == 0 || dweight != nullptr, "fl_linear_bwd_dw: dweight must be non-null when K > 0");
+  FL_REQUIRE(M == 0 || (dy && (K == 0 || x)), "fl_linear_bwd_dw: dy and x must be non-null when M > 0");
   FL_REQUIRE(activation == FL_ACT_NONE || M == 0 || preact != nullptr,
              "fl_linear_bwd_dw: preact must be non-null with activation %d", (int)activation);
-  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dw", "dy_row_stride", dy_row_stride, M, N);
+  FL_LINEAR_CHECK_IN_STRIDE("fl_linear_bwd_dw", "dy_row_stride", dy_row_stride, M, N);
   if (activation != FL_ACT_NONE)
-    FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dw", "preact_row_stride", preact_row_stride, M, N);
-  FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dw", "x_row_stride", x_row_stride, M, K);
+    FL_LINEAR_CHECK_IN_STRIDE("fl_linear_bwd_dw", "preact_row_stride", preact_row_stride, M, N);
+  FL_LINEAR_CHECK_IN_STRIDE("fl_linear_bwd_dw", "x_row_stride", x_row_stride, M, K);
   FL_LINEAR_CHECK_STRIDE("fl_linear_bwd_dw", "dweight_row_stride", dweight_row_stride, N, K);
   if (K == 0 && dbias == nullptr) return FL_OK;
   // With K == 0 the GEMM still runs (N x 0 output, no stores) so dbias gets its row sums.

@@ -9,14 +9,35 @@ allocated here with torch.empty on the input's device; kernels run on its curren
 dim, 16-byte aligned rows and (b, l, h) strides that are multiples of 8 elements --
 unsupported_reason says so for tensors that break this (no hidden copies).  The supported head dims
 come from the library's build info, never from a constant here.
+The forward kernel is chosen in C from FASTLAYERS_CUDA_ATTENTION, read on every call and passed as an
+argument (no state in the library): "mma" (default: the mma.sync kernel), "auto" (the sm_90a
+wgmma/TMA kernel on an sm_90 device for D 64/128 without dropout, else the mma.sync kernel) or
+"wgmma" (an explicit "wgmma" that cannot run the case raises RuntimeError with the reason, never a
+silent switch). The default becomes "auto" once the wgmma kernel has passed its GPU tests: it was
+written and compiled without a GPU (benchmarks/NOTES.md).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .. import _cuda
 
 _DTYPES = (torch.float16, torch.bfloat16)
+
+
+IMPL_ENV = "FASTLAYERS_CUDA_ATTENTION"
+_IMPL_CODES = {"auto": 0, "mma": 1, "wgmma": 2}  # FL_ATTENTION_IMPL_* of fastlayers.h
+DEFAULT_IMPL = "mma"  # until the sm_90a kernel has run on a GPU; then "auto"
+
+
+def forward_impl() -> int:
+    """The kernel choice FASTLAYERS_CUDA_ATTENTION asks for, as the C code of fl_attention_fwd's impl."""
+    name = os.environ.get(IMPL_ENV, DEFAULT_IMPL).strip().lower() or DEFAULT_IMPL
+    if name not in _IMPL_CODES:
+        raise ValueError(f"{IMPL_ENV} must be one of {sorted(_IMPL_CODES)}, got {name!r}")
+    return _IMPL_CODES[name]
 
 
 def supported_head_dims() -> tuple[int, ...]:
@@ -103,7 +124,7 @@ def attention_fwd(q, k, v, key_padding_mask, softmax_scale: float, causal: bool,
                _cuda.ptr(q), *_strides(q), _cuda.ptr(k), *_strides(k), _cuda.ptr(v), *_strides(v),
                _cuda.ptr(o), *_strides(o), _cuda.ptr(lse), kpm, kpm_b, kpm_l,
                B, Lq, Lk, H, D, float(softmax_scale), int(bool(causal)), float(dropout_p),
-               int(seed), int(offset), _cuda.dtype_code(q), _cuda.stream(q))
+               int(seed), int(offset), forward_impl(), _cuda.dtype_code(q), _cuda.stream(q))
     return o, lse
 
 
