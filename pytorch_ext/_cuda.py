@@ -66,7 +66,7 @@ SIGNATURES: dict[str, tuple] = {
                                          c_f32, c_i32, c_i32, c_ptr]),
     # ---------------------------------------------------------------- linear
     "fl_linear_fwd": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64,
-                              c_i64, c_i64, c_i64, c_i32, c_i32, c_ptr]),
+                              c_i64, c_i64, c_i64, c_i32, c_i32, c_i32, c_ptr]),
     "fl_linear_bwd_dx": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64,
                                  c_i64, c_i64, c_i64, c_i32, c_i32, c_ptr]),
     "fl_linear_bwd_dw": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64, c_ptr,

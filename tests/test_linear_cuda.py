@@ -4,11 +4,15 @@ CPU tests: the built library exports the linear entry points of _cuda.SIGNATURES
 fastlayers.h, and the C ABI rejects bad arguments (named in fl_last_error) before touching a device.
 GPU tests (marker gpu; skipped without CUDA or without the library): forward and backward against an
 fp32 reference (TF32 off), tolerance "<= 2x PyTorch's own error at the same dtype" (tests/helpers).
+The sm_90a wgmma/TMA forward (FASTLAYERS_CUDA_GEMM=wgmma, sm_90 GPUs only) is checked on the same
+reference (every activation, both dtypes, ragged M/N/K, both tile widths) and against its TMA rules
+(misaligned x runs mma.sync under "auto", raises under "wgmma"); CPU tests check the selector.
 Shapes are chosen to hit every kernel variant: M = 1 / 7 (64x64 tiles, mostly-masked rows), 4096 and
 32768 (128x128 tiles), K or N not a multiple of 8 (element-wise-load variant, unpaired stores), K not
 a multiple of the 32-wide k tile, strided rows, and (K, N) up to 8192.
 """
 import ctypes
+import re
 
 import pytest
 import torch
@@ -62,22 +66,22 @@ FAKE = 4096  # a non-null "device pointer" for checks that fail before any launc
 def test_linear_abi_checks_arguments_before_launch():
     lib = _raw_lib()
     # Empty problems succeed without touching a device.
-    assert lib.fl_linear_fwd(None, 0, None, 0, None, None, 0, None, 0, None, 0, 0, 16, 16, 1, 1, None) == 0
+    assert lib.fl_linear_fwd(None, 0, None, 0, None, None, 0, None, 0, None, 0, 0, 16, 16, 1, 0, 1, None) == 0
     assert lib.fl_linear_bwd_dx(None, 0, None, 0, None, 0, None, 0, 0, 16, 16, 1, 1, None) == 0
     assert lib.fl_linear_bwd_dw(None, 0, None, 0, None, 0, None, 0, None, 16, 0, 16, 1, 1, None) == 0
     # Each bad argument is named.
-    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 7, 1, None)
+    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 7, 0, 1, None)
     assert st == 1 and b"activation" in lib.fl_last_error()
-    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, -1, 8, 8, 0, 1, None)
+    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, -1, 8, 8, 0, 0, 1, None)
     assert st == 1 and b"M must be" in lib.fl_last_error()
-    st = lib.fl_linear_fwd(FAKE, 5, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 0, 1, None)
+    st = lib.fl_linear_fwd(FAKE, 5, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 0, 0, 1, None)
     assert st == 1 and b"x_row_stride" in lib.fl_last_error()
     st = lib.fl_linear_bwd_dx(FAKE, 8, None, 0, FAKE, 8, FAKE, 8, 4, 8, 8, 1, 1, None)
     assert st == 1 and b"preact" in lib.fl_last_error()
     st = lib.fl_linear_bwd_dw(FAKE, 8, FAKE, 8, FAKE, 8, FAKE, 4, None, 4, 8, 8, 1, 1, None)
     assert st == 1 and b"dweight_row_stride" in lib.fl_last_error()
     # fp32 is a valid dtype these kernels do not implement.
-    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 0, 0, None)
+    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 0, 0, 0, None)
     assert st == 2 and b"fp16 or bf16" in lib.fl_last_error()
 
 
@@ -335,11 +339,122 @@ def test_linear_abi_without_device_reports_cuda_error():
     if torch.cuda.is_available():
         pytest.skip("checks the no-GPU path (would launch on fake pointers here)")
     lib = _raw_lib()
-    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 1, 1, None)
+    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 1, 0, 1, None)
     assert st == 3 and lib.fl_last_error()
     # Valid, so they pass the argument checks and fail only at the device: a broadcast row
     # (row stride 0) of a read-only operand, and K == 0 with null x / dweight (torch's empty tensors).
-    st = lib.fl_linear_fwd(FAKE, 0, FAKE, 8, None, FAKE, 0, FAKE, 8, None, 0, 4, 8, 8, 1, 1, None)
+    st = lib.fl_linear_fwd(FAKE, 0, FAKE, 8, None, FAKE, 0, FAKE, 8, None, 0, 4, 8, 8, 1, 0, 1, None)
     assert st == 3, lib.fl_last_error()
     st = lib.fl_linear_bwd_dw(FAKE, 0, FAKE, 8, None, 0, None, 0, FAKE, 4, 8, 0, 1, 1, None)
     assert st == 3, lib.fl_last_error()
+
+
+# ---------------------------------------------------------------- forward impl selector (wgmma)
+def test_linear_impl_codes_match_header():
+    from pathlib import Path
+    from fastlayers.cuda_ops import linear
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "include" / "fastlayers.h").read_text()
+    codes = {name.lower(): int(v) for name, v in re.findall(r"FL_LINEAR_IMPL_(\w+) = (\d+)", header)}
+    assert codes == linear._IMPL_CODES
+    m = re.search(r"FL_API fl_status fl_linear_fwd\(([^)]*)\);", header)
+    params = [a.split()[-1] for a in m.group(1).split(",")]
+    assert params[-3:] == ["impl", "dtype", "stream"]
+    assert _cuda.SIGNATURES["fl_linear_fwd"][1][-3:] == [_cuda.c_i32, _cuda.c_i32, _cuda.c_ptr]
+
+
+def test_linear_forward_impl_env(monkeypatch):
+    from fastlayers.cuda_ops import linear
+    monkeypatch.delenv("FASTLAYERS_CUDA_GEMM", raising=False)
+    assert linear.forward_impl() == 1  # default "mma" until the wgmma kernel is GPU-verified
+    for name, code in (("auto", 0), ("mma", 1), ("WGMMA", 2)):
+        monkeypatch.setenv("FASTLAYERS_CUDA_GEMM", name)
+        assert linear.forward_impl() == code
+    monkeypatch.setenv("FASTLAYERS_CUDA_GEMM", "")
+    assert linear.forward_impl() == 1
+    monkeypatch.setenv("FASTLAYERS_CUDA_GEMM", "cublas")
+    with pytest.raises(ValueError, match="FASTLAYERS_CUDA_GEMM"):
+        linear.forward_impl()
+
+
+def test_linear_abi_checks_impl():
+    lib = _raw_lib()
+    st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 0, 3, 1, None)
+    assert st == 1 and b"impl" in lib.fl_last_error()
+    if not torch.cuda.is_available():
+        # An explicit wgmma request that cannot run is FL_ERR_UNSUPPORTED with the reason.
+        st = lib.fl_linear_fwd(FAKE, 8, FAKE, 8, None, None, 0, FAKE, 8, None, 0, 4, 8, 8, 0, 2, 1, None)
+        assert st == 2 and b"wgmma" in lib.fl_last_error()
+
+
+def _wgmma_ops(monkeypatch, impl="wgmma"):
+    ops = _cuda_ops()
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    if "wgmma" not in _cuda.build_info().get("linear_fwd_impls", []):
+        pytest.skip("this build has no sm_90a code")
+    monkeypatch.setenv("FASTLAYERS_CUDA_GEMM", impl)
+    return ops
+
+
+CASES_WGMMA = [  # (M, K, N); ping-pong 128x128 tiles when K <= 1024 or few tiles, else cooperative 128x256
+    (1, 64, 64),         # explicit wgmma at M = 1: 127 of 128 tile rows zero-filled by TMA
+    (200, 72, 136),      # ragged M, N and K (K % 64 = 8)
+    (333, 8, 129),       # K = 8 (one partial k tile), odd N: 4-byte pair epilogue, unpaired stores
+    (4096, 1000, 520),   # K % 64 = 40; several tiles per CTA
+    (4096, 768, 3072),   # ping-pong, many tiles per CTA (both warpgroups, order barrier)
+    (4100, 1096, 2056),  # cooperative 128x256, ragged M, N, K
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("M,K,N", CASES_WGMMA)
+def test_linear_fwd_wgmma(M, K, N, activation, dtype, monkeypatch):
+    ops = _wgmma_ops(monkeypatch)
+    _check_fwd(ops, M, K, N, dtype, activation, True, True)
+    if activation == "gelu" and M in (200, 4100):
+        _check_fwd(ops, M, K, N, dtype, activation, False, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(32768, 1024, 4096), (4096, 8192, 8192), (300, 4096, 11008)])
+def test_linear_fwd_wgmma_big(M, K, N, dtype, monkeypatch):
+    _check_fwd(_wgmma_ops(monkeypatch), M, K, N, dtype, "gelu_tanh", True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["auto", "wgmma"])
+def test_linear_fwd_wgmma_misaligned(impl, monkeypatch):
+    ops = _wgmma_ops(monkeypatch, impl)
+    dtype = torch.bfloat16
+    w = torch.randn(96, 64, device="cuda", dtype=dtype)                            # (N, K)
+    buf = torch.randn(300, 80, device="cuda", dtype=dtype)
+    for x in (torch.randn(300, 129, device="cuda", dtype=dtype)[:, :64],          # row stride 129
+              buf[:, 1:65]):                                                    # base 2 bytes off
+        if impl == "wgmma":
+            with pytest.raises(RuntimeError, match="wgmma"):
+                ops.linear_fwd(x, w, None, "relu", None, False)
+        else:
+            y, _ = ops.linear_fwd(x, w, None, "relu", None, False)
+            assert_close_rule(y, F.relu(x.float() @ w.float().T), F.relu(F.linear(x, w)), what="y")
+    if impl == "wgmma":
+        # K == 0: nothing for TMA to load.
+        with pytest.raises(RuntimeError, match="K == 0"):
+            ops.linear_fwd(torch.empty(4, 0, device="cuda", dtype=dtype), torch.empty(8, 0, device="cuda", dtype=dtype),
+                           None, None, None, False)
+
+
+@pytest.mark.gpu
+def test_linear_fwd_wgmma_refused_off_hopper(monkeypatch):
+    ops = _cuda_ops()
+    if torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("checks a non-sm_90 GPU")
+    monkeypatch.setenv("FASTLAYERS_CUDA_GEMM", "wgmma")
+    x = torch.randn(128, 64, device="cuda", dtype=torch.float16)
+    w = torch.randn(64, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="wgmma"):
+        ops.linear_fwd(x, w, None, None, None, False)
+    monkeypatch.setenv("FASTLAYERS_CUDA_GEMM", "mma")
+    ops.linear_fwd(x, w, None, None, None, False)

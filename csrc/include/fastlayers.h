@@ -161,6 +161,13 @@ FL_API fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_
  * fl_activation. Any M, N, K >= 0 (tails are predicated); 16-byte aligned pointers and row strides
  * that are multiples of 8 take the fast cp.async path, anything else a slower element-wise-load
  * variant. Deterministic: no atomics, fixed summation order. */
+/* impl picks the forward kernel (stateless; the Python launcher reads FASTLAYERS_CUDA_GEMM):
+ * FL_LINEAR_IMPL_AUTO = the sm_90a wgmma/TMA kernel when the build has it, the device is sm_90,
+ * M >= 64, K >= 1 and x / weight suit TMA (16-byte aligned, row strides multiples of 8), else the
+ * mma.sync kernel; _MMA = always the mma.sync kernel; _WGMMA = the wgmma kernel (any M) or
+ * FL_ERR_UNSUPPORTED with the reason. Both agree up to fp32 summation order; the backward always
+ * runs mma.sync. fl_build_info()["linear_fwd_impls"] lists the kernels this build has. */
+enum { FL_LINEAR_IMPL_AUTO = 0, FL_LINEAR_IMPL_MMA = 1, FL_LINEAR_IMPL_WGMMA = 2 };
 /* bias (N,) / residual (M, N) may be NULL. preact (M, N), may be NULL: receives z = x @ W^T + bias
  * (rounded to dtype), the input of act' in the backward. y = act(z) + residual (z kept in fp32). */
 FL_API fl_status fl_linear_fwd(const void* x, int64_t x_row_stride,
@@ -170,7 +177,7 @@ FL_API fl_status fl_linear_fwd(const void* x, int64_t x_row_stride,
                                void* y, int64_t y_row_stride,
                                void* preact, int64_t preact_row_stride,
                                int64_t M, int64_t N, int64_t K, int32_t activation,
-                               int32_t dtype, void* stream);
+                               int32_t impl, int32_t dtype, void* stream);
 /* dx (M, K) = dz @ weight with dz = dy * act'(preact) formed in registers while loading dy
  * (preact (M, N) required unless activation is FL_ACT_NONE; dy (M, N)). */
 FL_API fl_status fl_linear_bwd_dx(const void* dy, int64_t dy_row_stride,

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "linear/linear_gemm.cuh"
+#include "linear/linear_wgmma.h"
 
 namespace fl {
 namespace linear {
@@ -130,9 +131,11 @@ FL_API fl_status fl_linear_fwd(const void* x, int64_t x_row_stride, const void* 
                                int64_t weight_row_stride, const void* bias, const void* residual,
                                int64_t residual_row_stride, void* y, int64_t y_row_stride, void* preact,
                                int64_t preact_row_stride, int64_t M, int64_t N, int64_t K,
-                               int32_t activation, int32_t dtype, void* stream) {
+                               int32_t activation, int32_t impl, int32_t dtype, void* stream) {
   const char* fn = "fl_linear_fwd";
   FL_LINEAR_CHECK_SIZES("fl_linear_fwd");
+  FL_REQUIRE(impl >= FL_LINEAR_IMPL_AUTO && impl <= FL_LINEAR_IMPL_WGMMA,
+             "fl_linear_fwd: impl must be 0 (auto), 1 (mma) or 2 (wgmma), got %d", (int)impl);
   if (M == 0 || N == 0) return FL_OK;
   FL_REQUIRE(K == 0 || (x && weight), "fl_linear_fwd: x and weight must be non-null when K > 0");
   FL_REQUIRE(y != nullptr, "fl_linear_fwd: y must be non-null");
@@ -152,6 +155,16 @@ FL_API fl_status fl_linear_fwd(const void* x, int64_t x_row_stride, const void* 
   p.M = int(M); p.N = int(N); p.K = int(K);
   p.pair_ok = pair_aligned(y, y_row_stride) && pair_aligned(residual, residual_row_stride) &&
               pair_aligned(preact, preact_row_stride);
+  if (impl != FL_LINEAR_IMPL_MMA) {
+    // sm_90a wgmma/TMA kernel (linear_wgmma.cu): auto takes it when it can run the case and M >= 64
+    // (below that, the mma.sync kernel's 64x64 tiles spread the work better); an explicit request
+    // that cannot run is an error, never a silent switch.
+    const std::string why = fl::linear::wgmma_fwd_unsupported(p);
+    if (why.empty() && (impl == FL_LINEAR_IMPL_WGMMA || M >= 64))
+      return fl::linear::launch_wgmma_fwd(p, activation, dtype, fl::as_stream(stream), fn);
+    if (impl == FL_LINEAR_IMPL_WGMMA)
+      return fl::set_error(FL_ERR_UNSUPPORTED, std::string(fn) + ": impl 2 (wgmma) cannot run here: " + why);
+  }
   const bool aligned = chunk_aligned(x, x_row_stride, M) && chunk_aligned(weight, weight_row_stride, N);
   return fl::linear::run_gemm<fl::linear::kForward, true, true>(p, aligned, activation, dtype, stream, fn);
 }

@@ -7,17 +7,40 @@ torch.empty on the input's device; kernels run on its current stream. Inputs nee
 dim; row strides are passed through (16-byte aligned rows take the fast path, others a slower one,
 both exact). Callers (ops/linear.py) validate shapes and dtypes; the C ABI re-checks sizes and
 reports errors as RuntimeError.
+The forward kernel is chosen in C from FASTLAYERS_CUDA_GEMM, read on every call and passed as
+fl_linear_fwd's `impl` argument (no state in the library): "mma" (default: the mma.sync kernel),
+"auto" (the sm_90a wgmma/TMA kernel on an sm_90 device when M >= 64, K >= 1 and x / weight are
+16-byte aligned with row strides multiples of 8, else the mma.sync kernel) or "wgmma" (any M; a
+case it cannot run raises RuntimeError with the reason, never a silent switch) -- for A/B
+benchmarks (benchmarks/linear_gemm_ab.py). The default becomes "auto" once the wgmma kernel has
+passed its GPU tests: it was written and compiled without a GPU (benchmarks/NOTES.md). The backward
+always runs mma.sync.
 The backward forms dz = dy * act'(preact) inside both gradient GEMMs' operand loads and sums dbias
 in the dweight GEMM. Only when dbias is needed without dweight (a frozen weight) is dbias computed
 here with torch ops (one pass over dy and preact), since there is no GEMM to fuse it into.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _cuda
 
 _TORCH_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+IMPL_ENV = "FASTLAYERS_CUDA_GEMM"
+_IMPL_CODES = {"auto": 0, "mma": 1, "wgmma": 2}  # FL_LINEAR_IMPL_* of fastlayers.h
+DEFAULT_IMPL = "mma"  # until the sm_90a kernel has run on a GPU; then "auto"
+
+
+def forward_impl() -> int:
+    """The forward kernel FASTLAYERS_CUDA_GEMM asks for, as the C code of fl_linear_fwd's impl."""
+    name = os.environ.get(IMPL_ENV, DEFAULT_IMPL).strip().lower() or DEFAULT_IMPL
+    if name not in _IMPL_CODES:
+        raise ValueError(f"{IMPL_ENV} must be one of {sorted(_IMPL_CODES)}, got {name!r}")
+    return _IMPL_CODES[name]
 
 
 def _info() -> dict:
@@ -98,7 +121,7 @@ def linear_fwd(x, weight, bias, activation, residual, save_preact: bool):
           _cuda.ptr(x), x.stride(0), _cuda.ptr(weight), weight.stride(0), _cuda.ptr(bias),
           _cuda.ptr(residual), _row_stride(residual), _cuda.ptr(y), y.stride(0),
           _cuda.ptr(preact), _row_stride(preact), M, N, K, _act_code(activation),
-          _cuda.dtype_code(x), _cuda.stream(x))
+          forward_impl(), _cuda.dtype_code(x), _cuda.stream(x))
     return y, preact
 
 
