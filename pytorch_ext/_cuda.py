@@ -153,6 +153,20 @@ def dtype_code(t: torch.Tensor) -> int:
         raise TypeError(f"the CUDA backend takes float32/float16/bfloat16 tensors, got {t.dtype}") from None
 
 
+# Kernel choice inside an entry point that has an mma.sync and an sm_90a (wgmma/TMA) kernel; values
+# of FL_ATTENTION_IMPL_* / FL_LINEAR_IMPL_* in fastlayers.h. Read from an environment variable on
+# every call and passed as an argument, so the library holds no state.
+IMPL_CODES = {"auto": 0, "mma": 1, "wgmma": 2}
+
+
+def impl_code(env_var: str, default: str) -> int:
+    """The kernel choice `env_var` asks for ("auto", "mma" or "wgmma"; `default` when unset)."""
+    name = os.environ.get(env_var, default).strip().lower() or default
+    if name not in IMPL_CODES:
+        raise ValueError(f"{env_var} must be one of {sorted(IMPL_CODES)}, got {name!r}")
+    return IMPL_CODES[name]
+
+
 def workspace_size(name: str, *args) -> int:
     out = ctypes.c_size_t(0)
     call(name, *args, ctypes.byref(out))

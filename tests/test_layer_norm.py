@@ -1,14 +1,12 @@
 """fl.layer_norm at the op level: reference vs torch in float64, every backend through the public
 op (Triton via the interpreter on CPU; CUDA and Triton on a GPU), validation, selection, opcheck,
 torch.compile, and the nn modules."""
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastlayers as fl
-from fastlayers.ops.layer_norm import layer_norm_ref
 from backends_matrix import kernel_backend_cases
 from helpers import assert_close_rule
 

@@ -18,7 +18,6 @@ written and compiled without a GPU (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -28,16 +27,13 @@ _DTYPES = (torch.float16, torch.bfloat16)
 
 
 IMPL_ENV = "FASTLAYERS_CUDA_ATTENTION"
-_IMPL_CODES = {"auto": 0, "mma": 1, "wgmma": 2}  # FL_ATTENTION_IMPL_* of fastlayers.h
+_IMPL_CODES = _cuda.IMPL_CODES  # FL_ATTENTION_IMPL_* of fastlayers.h
 DEFAULT_IMPL = "mma"  # until the sm_90a kernel has run on a GPU; then "auto"
 
 
 def forward_impl() -> int:
-    """The kernel choice FASTLAYERS_CUDA_ATTENTION asks for, as the C code of fl_attention_fwd's impl."""
-    name = os.environ.get(IMPL_ENV, DEFAULT_IMPL).strip().lower() or DEFAULT_IMPL
-    if name not in _IMPL_CODES:
-        raise ValueError(f"{IMPL_ENV} must be one of {sorted(_IMPL_CODES)}, got {name!r}")
-    return _IMPL_CODES[name]
+    """The forward kernel FASTLAYERS_CUDA_ATTENTION asks for, as the C code of the entry point's impl argument."""
+    return _cuda.impl_code(IMPL_ENV, DEFAULT_IMPL)
 
 
 def supported_head_dims() -> tuple[int, ...]:

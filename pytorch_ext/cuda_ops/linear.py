@@ -21,7 +21,6 @@ here with torch ops (one pass over dy and preact), since there is no GEMM to fus
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -31,16 +30,13 @@ _TORCH_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "flo
 
 
 IMPL_ENV = "FASTLAYERS_CUDA_GEMM"
-_IMPL_CODES = {"auto": 0, "mma": 1, "wgmma": 2}  # FL_LINEAR_IMPL_* of fastlayers.h
+_IMPL_CODES = _cuda.IMPL_CODES  # FL_LINEAR_IMPL_* of fastlayers.h
 DEFAULT_IMPL = "mma"  # until the sm_90a kernel has run on a GPU; then "auto"
 
 
 def forward_impl() -> int:
-    """The forward kernel FASTLAYERS_CUDA_GEMM asks for, as the C code of fl_linear_fwd's impl."""
-    name = os.environ.get(IMPL_ENV, DEFAULT_IMPL).strip().lower() or DEFAULT_IMPL
-    if name not in _IMPL_CODES:
-        raise ValueError(f"{IMPL_ENV} must be one of {sorted(_IMPL_CODES)}, got {name!r}")
-    return _IMPL_CODES[name]
+    """The forward kernel FASTLAYERS_CUDA_GEMM asks for, as the C code of the entry point's impl argument."""
+    return _cuda.impl_code(IMPL_ENV, DEFAULT_IMPL)
 
 
 def _info() -> dict:

@@ -12,7 +12,6 @@ fastlayers.kernels.layer_norm and fastlayers.cuda_ops.layer_norm).
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
