@@ -12,12 +12,11 @@
 // through the warpgroup's own Q rows in shared memory, stored with 16-byte predicated writes;
 // lse = +inf and o = 0 for rows with no key, as the mma.sync kernel (attention_fwd.cu) does.
 // Host side: tensor maps are encoded with cuTensorMapEncodeTiled obtained from the runtime's
-// driver entry point (libcuda is not linked); 4-D maps over the (B, L, H, D) strided layout with
+// driver entry point (libcuda is not linked; fl::hopper::encode_tiled_fn, common/hopper.cu); 4-D maps over the (B, L, H, D) strided layout with
 // the three outer dims sorted by stride, so no copy is made.
 #include "attention/attention_fwd_sm90.cuh"
 
 #include <algorithm>
-#include <mutex>
 #include <type_traits>
 
 namespace fl {
@@ -70,26 +69,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   if (threadIdx.x == 0) {
-    mbar_init(bar_q, 1);
+    hopper::mbar_init(bar_q, 1);
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_kfull(s), 1);
-      mbar_init(bar_vfull(s), 1);
-      mbar_init(bar_kempty(s), 8);  // one arrival per consumer warp
-      mbar_init(bar_vempty(s), 8);
+      hopper::mbar_init(bar_kfull(s), 1);
+      hopper::mbar_init(bar_vfull(s), 1);
+      hopper::mbar_init(bar_kempty(s), 8);  // one arrival per consumer warp
+      hopper::mbar_init(bar_vempty(s), 8);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    hopper::fence_mbarrier_init();
+    hopper::fence_proxy_async_shared();
   }
   __syncthreads();
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // ---------------------------------------------------------------- producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    hopper::setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x == 0) {
-      prefetch_map(&tq);
-      prefetch_map(&tk);
-      prefetch_map(&tv);
+      hopper::prefetch_tensormap(&tq);
+      hopper::prefetch_tensormap(&tk);
+      hopper::prefetch_tensormap(&tv);
       // coordinate c of a map: c[0] = column, c[order.l] = row, c[order.h] = h, c[order.b] = b
       auto load = [&](const CUtensorMap* map, const MapOrder& o, uint32_t dst, uint32_t bar, int rows, int row0) {
 #pragma unroll
@@ -97,19 +96,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           int c[4] = {cb * 64, 0, 0, 0};
 #pragma unroll
           for (int i = 1; i < 4; ++i) c[i] = o.l == i ? row0 : (o.h == i ? h : b);
-          tma_load_4d(dst + cb * rows * 128, map, bar, c[0], c[1], c[2], c[3]);
+          hopper::tma_load_4d(dst + cb * rows * 128, map, bar, c[0], c[1], c[2], c[3]);
         }
       };
-      mbar_expect_tx(bar_q, Plan::kQBytes);
+      hopper::mbar_arrive_expect_tx(bar_q, Plan::kQBytes);
       load(&tq, oq, sQ, bar_q, BM, m0);
       for (int it = 0; it < tile_end; ++it) {
         const int s = it % kStages;
         const uint32_t parity = ((it / kStages) & 1) ^ 1;  // the first lap waits on nothing
-        if (it >= kStages) mbar_wait(bar_kempty(s), parity);
-        mbar_expect_tx(bar_kfull(s), Plan::kTileBytes);
+        if (it >= kStages) hopper::mbar_wait(bar_kempty(s), parity);
+        hopper::mbar_arrive_expect_tx(bar_kfull(s), Plan::kTileBytes);
         load(&tk, ok, sK + s * Plan::kTileBytes, bar_kfull(s), BN, it * BN);
-        if (it >= kStages) mbar_wait(bar_vempty(s), parity);
-        mbar_expect_tx(bar_vfull(s), Plan::kTileBytes);
+        if (it >= kStages) hopper::mbar_wait(bar_vempty(s), parity);
+        hopper::mbar_arrive_expect_tx(bar_vfull(s), Plan::kTileBytes);
         load(&tv, ov, sV + s * Plan::kTileBytes, bar_vfull(s), BN, it * BN);
       }
     }
@@ -117,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ------------------------------------------------------------------ consumers
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  hopper::setmaxnreg_inc<kConsumerRegs>();
   const int cw = wg - 1;                          // consumer warpgroup: rows 64*cw .. of the tile
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int wg_row0 = m0 + cw * 64;
@@ -136,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   auto issue_qk = [&](int stage) {
     const uint32_t k_tile = sK + stage * Plan::kTileBytes;
-    wgmma_fence();
+    hopper::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t off = (kk % 4) * 32;  // k16 slice inside the 128-byte row
@@ -144,18 +143,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t db = sw128_desc(k_tile + (kk / 4) * BN * 128 + off, 16, 1024);
       Wgmma<T>::ss_n128(s, da, db, kk > 0 ? 1 : 0);
     }
-    wgmma_commit();
+    hopper::wgmma_commit();
   };
   auto issue_pv = [&](int stage) {
     const uint32_t v_tile = sV + stage * Plan::kTileBytes;
-    wgmma_fence();
+    hopper::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       const uint64_t db = sw128_desc(v_tile + kk * 2048, BN * 128, 1024);
       if constexpr (D == 128) Wgmma<T>::rs_n128(o, pa[kk], db);
       else Wgmma<T>::rs_n64(o, pa[kk], db);
     }
-    wgmma_commit();
+    hopper::wgmma_commit();
   };
   // Scores -> exp2 domain, masks, new row max, p = exp2(x - max) in place, row sums.  alpha is the
   // factor O must be rescaled by (applied by the caller once the P V in flight is done).
@@ -220,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   auto release = [&](uint32_t bar) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(bar);
+    if (lane == 0) hopper::mbar_arrive(bar);
   };
   // Ping-pong between the two consumer warpgroups: each issues its GEMMs only after the other has
   // issued its own, so one warpgroup's softmax runs while the other's GEMMs use the tensor cores.
@@ -231,13 +230,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto sched_pass = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (cw ^ 1)) : "memory"); };
   if (cw == 1) sched_pass();
 
-  mbar_wait(bar_q, 0);
+  hopper::mbar_wait(bar_q, 0);
   // Tile 0: S only.
-  mbar_wait(bar_kfull(0), 0);
+  hopper::mbar_wait(bar_kfull(0), 0);
   sched_wait();
   issue_qk(0);
   sched_pass();
-  wgmma_wait<0>();
+  hopper::wgmma_wait<0>();
   pin(s);
   release(bar_kempty(0));
   softmax(0);
@@ -246,17 +245,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   // while the P V wgmma is in flight (it reads pa and o, the softmax touches s only).
   for (int it = 1; it < tile_end; ++it) {
     const int st = it % kStages, prev = (it - 1) % kStages;
-    mbar_wait(bar_kfull(st), (it / kStages) & 1);
-    mbar_wait(bar_vfull(prev), ((it - 1) / kStages) & 1);
+    hopper::mbar_wait(bar_kfull(st), (it / kStages) & 1);
+    hopper::mbar_wait(bar_vfull(prev), ((it - 1) / kStages) & 1);
     sched_wait();
     issue_qk(st);
     issue_pv(prev);
     sched_pass();
-    wgmma_wait<1>();  // S_it is done (groups complete in order)
+    hopper::wgmma_wait<1>();  // S_it is done (groups complete in order)
     pin(s);
     release(bar_kempty(st));
     softmax(it);
-    wgmma_wait<0>();  // P_{it-1} V_{it-1} is done
+    hopper::wgmma_wait<0>();  // P_{it-1} V_{it-1} is done
     pin(o);
     pin(pa);
     release(bar_vempty(prev));
@@ -265,12 +264,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   {
     const int last = (tile_end - 1) % kStages;
-    mbar_wait(bar_vfull(last), ((tile_end - 1) / kStages) & 1);
+    hopper::mbar_wait(bar_vfull(last), ((tile_end - 1) / kStages) & 1);
     sched_wait();
     issue_pv(last);
     sched_pass();
     if (cw == 0) sched_wait();  // warpgroup 1's last arrival
-    wgmma_wait<0>();
+    hopper::wgmma_wait<0>();
     pin(o);
     release(bar_vempty(last));
   }
@@ -312,41 +311,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ------------------------------------------------------------------ host
 #if FL_HAS_SM90A
-// cuTensorMapEncodeTiled from the driver the runtime already loaded (no link against libcuda).
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeTiledFn encode_tiled_fn() {
-  static EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      ptr = nullptr;
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
-// Whether device `dev` is exactly sm_90 (cached per device; the attribute query is not free).
-bool device_is_sm90(int dev) {
-  static std::mutex mu;
-  static int cache[64];
-  static bool filled[64];
-  if (dev < 0 || dev >= 64) return false;
-  std::lock_guard<std::mutex> lock(mu);
-  if (!filled[dev]) {
-    int major = 0, minor = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
-      return false;
-    cache[dev] = major * 10 + minor;
-    filled[dev] = true;
-  }
-  return cache[dev] == 90;
-}
-
 // One (L, H, B) outer dim of a tensor map: size, stride in elements, and which of l/h/b it is.
 struct OuterDim {
   int64_t size, stride;
@@ -399,7 +363,7 @@ fl_status encode_map(CUtensorMap* map, MapOrder* order, const void* ptr, int32_t
     else if (dims[i].which == 1) order->h = pos;
     else order->b = pos;
   }
-  EncodeTiledFn fn = encode_tiled_fn();
+  hopper::EncodeTiledFn fn = hopper::encode_tiled_fn();
   if (fn == nullptr)
     return set_error(FL_ERR_UNSUPPORTED, "fl_attention_fwd (wgmma): cuTensorMapEncodeTiled is not available from the driver");
   const CUresult res = fn(map, dtype == FL_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
@@ -434,13 +398,13 @@ std::string fwd_sm90_unsupported(const Params& p, int64_t D) {
 #if FL_HAS_SM90A
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return "no current CUDA device";
-  if (!device_is_sm90(dev)) return "the wgmma kernel needs an sm_90 (Hopper) device";
+  if (!hopper::device_is_sm90(dev)) return "the wgmma kernel needs an sm_90 (Hopper) device";
   if (D != 64 && D != 128) return "the wgmma kernel takes head dims 64 and 128, got " + std::to_string(D);
   if (p.dropout_p > 0.f) return "the wgmma kernel has no dropout (dropout_p > 0 runs the mma kernel)";
   if (p.num_splits != 1 || p.seqlens_k != nullptr) return "the wgmma kernel has no split-KV / KV-cache path";
   if (p.Lk == 0) return "the wgmma kernel needs Lk > 0";
   if (p.lse == nullptr) return "the wgmma kernel writes lse (got NULL)";
-  if (encode_tiled_fn() == nullptr) return "cuTensorMapEncodeTiled is not available from the driver";
+  if (hopper::encode_tiled_fn() == nullptr) return "cuTensorMapEncodeTiled is not available from the driver";
   std::string r = tensor_reason("q", p.q, p.Lq, p.H, p.B, p.q_l, p.q_h, p.q_b);
   if (r.empty()) r = tensor_reason("k", p.k, p.Lk, p.H, p.B, p.k_l, p.k_h, p.k_b);
   if (r.empty()) r = tensor_reason("v", p.v, p.Lk, p.H, p.B, p.v_l, p.v_h, p.v_b);

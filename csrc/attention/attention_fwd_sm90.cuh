@@ -1,5 +1,6 @@
-// attention_fwd_sm90.cuh -- the Hopper (sm_90a) forward of attention: TMA, mbarrier and wgmma
-// primitives, the shared-memory plan, and the host entry points attention_fwd.cu dispatches to.
+// attention_fwd_sm90.cuh -- the Hopper (sm_90a) forward of attention: wgmma primitives, the
+// shared-memory plan, and the host entry points attention_fwd.cu dispatches to (the mbarrier / TMA /
+// wgmma-group wrappers and the host TMA helpers are shared with linear: common/hopper.cuh).
 //
 // Shared-memory layout (every tile written by TMA with CU_TENSOR_MAP_SWIZZLE_128B, 1024-byte aligned):
 //   a tile of R rows x D columns is D/64 "column blocks", each R rows x 128 bytes (64 elements);
@@ -19,11 +20,10 @@
 // reads, fragments, a full CTA with masks and tails) against a dense reference before any GPU run.
 #pragma once
 
-#include <cuda.h>  // CUtensorMap and the cuTensorMapEncodeTiled prototype only: libcuda is not linked
-
 #include <string>
 
 #include "attention/attention_common.cuh"
+#include "common/hopper.cuh"  // CUtensorMap, mbarrier / TMA / wgmma wrappers, host helpers
 
 namespace fl {
 namespace attn {
@@ -58,38 +58,8 @@ struct MapOrder {
 
 #if defined(__CUDACC__)
 // ------------------------------------------------------------------ device primitives (sm_90a)
+// (mbarrier, TMA, wgmma fence / commit / wait, setmaxnreg: fl::hopper, common/hopper.cuh)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
-}
-// 4-D tiled TMA load into shared memory, completing `bytes` on the mbarrier (zero fill out of range).
-__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
-                                            int c1, int c2, int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-      "[%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Keeps the compiler from moving accumulator registers across an in-flight wgmma.
 template <int N>
 __device__ __forceinline__ void pin(float (&r)[N]) {

@@ -30,9 +30,7 @@
 #include <climits>
 #include <string>
 
-#include <cuda.h>  // CUtensorMap and its enums only: the driver is reached through cudart's entry point
-#include <cudaTypedefs.h>
-
+#include "common/hopper.cuh"  // CUtensorMap, mbarrier / TMA / wgmma wrappers, host TMA helpers
 #include "linear/linear_wgmma.h"
 #include "linear/wgmma_ops.cuh"
 
@@ -66,54 +64,8 @@ struct WgTile {
 };
 
 // ------------------------------------------------------------------ sm_90a PTX wrappers
-#if FL_WGMMA_DEVICE
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Returns once the phase with the given parity has completed (a fresh barrier counts as having
-// completed the phase of parity 1, so producers start by waiting on parity 1 of "empty").
-// Watchdog: every wait here lasts microseconds (one k step, or one epilogue); a wait that outlasts
-// kWaitTimeoutNs means a broken pipeline, and the kernel traps (a CUDA error the caller sees)
-// rather than hanging the process.
-constexpr uint64_t kWaitTimeoutNs = 10ull * 1000 * 1000 * 1000;
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  return done != 0;
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  if (mbar_try_wait(bar, parity)) return;
-  const uint64_t t0 = global_ns();
-  for (uint32_t n = 1;; ++n) {
-    if (mbar_try_wait(bar, parity)) return;
-    if ((n & 1023u) == 0 && global_ns() - t0 > kWaitTimeoutNs) asm volatile("trap;\n");
-  }
-}
-// 2D tile (c0 = innermost coordinate = k, c1 = row) of `map` into shared memory at dst.
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
+// (mbarrier, TMA, wgmma fence / commit / wait, setmaxnreg: fl::hopper, common/hopper.cuh)
+#if FL_HOPPER_DEVICE
 // Shared-memory matrix descriptor, K-major operand, 128-byte swizzle: start address >> 4 (bits
 // 0-13), leading byte offset 1 (unused by swizzled K-major layouts, bits 16-29), stride byte
 // offset 1024 >> 4 between 8-row groups (bits 32-45), base offset 0 (bases 1024-aligned), layout
@@ -221,7 +173,7 @@ template <typename T, bool PINGPONG, int ACT>
 __global__ void __launch_bounds__(WgTile<PINGPONG>::THREADS, 1)
 linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_w,
                         const GemmParams p, const int vec16) {
-#if FL_WGMMA_DEVICE
+#if FL_HOPPER_DEVICE
   using C = WgTile<PINGPONG>;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, STAGES = C::STAGES, MW = C::MW;
 
@@ -254,14 +206,14 @@ linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_c
   const int wg = tid / 128;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full(s), 1);                    // the producer's arrive.expect_tx
-      mbar_init(empty(s), C::EMPTY_ARRIVALS);   // one arrival per consumer warp that reads it
+      hopper::mbar_init(full(s), 1);                    // the producer's arrive.expect_tx
+      hopper::mbar_init(empty(s), C::EMPTY_ARRIVALS);   // one arrival per consumer warp that reads it
     }
-    mbar_init(order(0), 1);
-    mbar_init(order(1), 1);
+    hopper::mbar_init(order(0), 1);
+    hopper::mbar_init(order(1), 1);
     // Make the initialised barriers visible to the async proxy (TMA completes on them).
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    hopper::fence_mbarrier_init();
+    hopper::fence_proxy_async_shared();
   }
   __syncthreads();
 
@@ -270,10 +222,10 @@ linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_c
   // compute the same `it` for the steps they consume.
   if (wg == 0) {
     // Producer warpgroup: 40 registers are plenty for address arithmetic.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    hopper::setmaxnreg_dec<40>();
     if (tid == 0) {
-      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_x)) : "memory");
-      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_w)) : "memory");
+      hopper::prefetch_tensormap(&tm_x);
+      hopper::prefetch_tensormap(&tm_w);
       uint32_t it = 0;
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
         int m0, n0;
@@ -282,16 +234,16 @@ linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_c
           const int s = it % STAGES;
           // Wait until the consumers released the stage's previous round (a fresh barrier passes
           // parity 1 at once, so the first round does not wait).
-          mbar_wait(empty(s), ((it / STAGES) & 1) ^ 1);
-          mbar_arrive_expect_tx(full(s), C::STAGE_BYTES);  // OOB zero-filled bytes count too
-          tma_load_2d(a_base + s * C::A_BYTES, &tm_x, kt * BK, m0, full(s));
-          tma_load_2d(b_base + s * C::B_BYTES, &tm_w, kt * BK, n0, full(s));
+          hopper::mbar_wait_or_trap(empty(s), ((it / STAGES) & 1) ^ 1);
+          hopper::mbar_arrive_expect_tx(full(s), C::STAGE_BYTES);  // OOB zero-filled bytes count too
+          hopper::tma_load_2d(a_base + s * C::A_BYTES, &tm_x, full(s), kt * BK, m0);
+          hopper::tma_load_2d(b_base + s * C::B_BYTES, &tm_w, full(s), kt * BK, n0);
         }
       }
     }
   } else {
     // Consumer warpgroups: the accumulators need the registers the producer gave up.
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    hopper::setmaxnreg_inc<232>();
     const int cw = wg - 1;
     const int warp = (tid / 32) % 4, lane = tid % 32;
     // Cooperative: every tile, rows cw*64 .. cw*64+63. Ping-pong: tiles q = cw, cw + 2, ..., all rows.
@@ -313,17 +265,17 @@ linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_c
       // completion). Besides keeping the two mainloops apart (one's epilogue overlaps the other's
       // wgmmas), this is what makes the parity waits below sound: a stage's previous round has
       // always been waited for before its next round is (the producer never runs a round ahead).
-      if (PINGPONG && q > 0) mbar_wait(order(cw), ((q + cw) / 2 + 1) & 1);
+      if (PINGPONG && q > 0) hopper::mbar_wait_or_trap(order(cw), ((q + cw) / 2 + 1) & 1);
       const uint32_t it0 = uint32_t(q) * uint32_t(KT);
       for (int kt = 0; kt < KT; ++kt) {
         const uint32_t it = it0 + kt;
         const int s = it % STAGES;
-        mbar_wait(full(s), (it / STAGES) & 1);
+        hopper::mbar_wait_or_trap(full(s), (it / STAGES) & 1);
         const uint32_t a_s = a_base + s * C::A_BYTES + row_off * 128;  // rows of 128 bytes
         const uint32_t b_s = b_base + s * C::B_BYTES;
 #pragma unroll
         for (int mw = 0; mw < MW; ++mw) acc_fence(acc[mw]);
-        wgmma_fence();
+        hopper::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
           // k16 step kk = bytes 32kk .. 32kk+31 of every (unswizzled) 128-byte row; m64 block mw
@@ -333,21 +285,21 @@ linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_c
             Wgmma<T, BN>::mma(acc[mw], smem_desc_sw128(a_s + mw * 64 * 128 + 32 * kk),
                               smem_desc_sw128(b_s + 32 * kk));
         }
-        wgmma_commit();
+        hopper::wgmma_commit();
         // Keep this group in flight; after the wait the previous group (step it - 1) has read its
         // stage, which goes back to the producer.
-        wgmma_wait<1>();
+        hopper::wgmma_wait<1>();
 #pragma unroll
         for (int mw = 0; mw < MW; ++mw) acc_fence(acc[mw]);
-        if (kt > 0 && lane == 0) mbar_arrive(empty((it - 1) % STAGES));
+        if (kt > 0 && lane == 0) hopper::mbar_arrive(empty((it - 1) % STAGES));
       }
       // All of this tile's wgmmas are issued, and this thread has seen every one of its stages'
       // "full" rounds complete: the other warpgroup may start its next tile.
-      if (PINGPONG && warp == 0 && lane == 0) mbar_arrive(order(1 - cw));
-      wgmma_wait<0>();
+      if (PINGPONG && warp == 0 && lane == 0) hopper::mbar_arrive(order(1 - cw));
+      hopper::wgmma_wait<0>();
 #pragma unroll
       for (int mw = 0; mw < MW; ++mw) acc_fence(acc[mw]);
-      if (lane == 0) mbar_arrive(empty((it0 + KT - 1) % STAGES));  // the tile's last stage (KT >= 1)
+      if (lane == 0) hopper::mbar_arrive(empty((it0 + KT - 1) % STAGES));  // the tile's last stage (KT >= 1)
 
       // Epilogue straight from the registers, while the producer already fills the ring for the
       // next tiles (and, ping-pong, the other warpgroup runs its wgmmas).
@@ -372,28 +324,16 @@ const bool kImplsRegistered = register_info("linear_fwd_impls",
 );
 
 #if FL_HAS_SM90A
-// Compute capability (major * 10 + minor) of the current device, cached per device; -1 on error.
+// Compute capability (major * 10 + minor) of the current device (cached per device in
+// fl::hopper::device_cc); -1 on error.
 int device_cc(int* dev_out) {
-  static std::atomic<int> cached[64];
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
     cudaGetLastError();  // clear the sticky-free error so later launches report their own
     return -1;
   }
   *dev_out = dev;
-  if (dev < 64) {
-    const int v = cached[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return -1;
-  }
-  const int cc = major * 10 + minor;
-  if (dev < 64) cached[dev].store(cc, std::memory_order_relaxed);
-  return cc;
+  return hopper::device_cc(dev);
 }
 
 int sm_count_of(int dev) {
@@ -414,29 +354,8 @@ bool tma_ok(const void* ptr, int64_t ld, int64_t rows) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (rows <= 1 || (ld % 8 == 0 && ld < (int64_t(1) << 38)));
 }
 
-// cuTensorMapEncodeTiled from the driver, through cudart (the library never links libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static std::atomic<PFN_cuTensorMapEncodeTiled_v12000> cached{nullptr};
-  PFN_cuTensorMapEncodeTiled_v12000 fn = cached.load(std::memory_order_acquire);
-  if (fn) return fn;
-  void* sym = nullptr;
-  cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-#if CUDART_VERSION >= 12050
-  const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &sym, 12000, cudaEnableDefault, &q);
-#else
-  const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &sym, cudaEnableDefault, &q);
-#endif
-  if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || sym == nullptr) {
-    cudaGetLastError();
-    return nullptr;
-  }
-  fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(sym);
-  cached.store(fn, std::memory_order_release);
-  return fn;
-}
-
 // Row-major (rows, K) matrix with row stride ld elements, read in (box_rows x 64) tiles.
-fl_status make_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, int32_t dtype, const void* ptr,
+fl_status make_map(CUtensorMap* map, hopper::EncodeTiledFn encode, int32_t dtype, const void* ptr,
                    int64_t rows, int64_t K, int64_t ld, int box_rows, const char* name, const char* what) {
   const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(rows)};
   // Row stride in bytes (dims 1.. only); one row is never stepped over, so state the smallest valid one.
@@ -476,7 +395,7 @@ fl_status launch_tile(const CUtensorMap& mx, const CUtensorMap& mw, const GemmPa
 
 template <typename T, int ACT>
 fl_status launch_act(const GemmParams& p, int32_t dtype, cudaStream_t stream, const char* name) {
-  const auto encode = encode_fn();
+  const auto encode = hopper::encode_tiled_fn();
   if (encode == nullptr)
     return set_error(FL_ERR_UNSUPPORTED, std::string(name) +
                                              ": the sm_90a kernel needs cuTensorMapEncodeTiled, which the "

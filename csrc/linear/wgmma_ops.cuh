@@ -6,7 +6,7 @@
 // Accumulator layout (PTX ISA, wgmma D fragment): warp w of the warpgroup owns rows 16w..16w+15;
 // lane l holds d[4j + 0], d[4j + 1] at (row 16w + l/4, cols 8j + 2(l%4), +1) and d[4j + 2], d[4j + 3]
 // at row 16w + l/4 + 8, same columns, for j = 0 .. N/8 - 1.
-// Only meaningful on sm_90a: elsewhere FL_WGMMA_DEVICE is 0 and the bodies are empty.
+// Only meaningful on sm_90a: elsewhere FL_HOPPER_DEVICE (common/hopper.cuh) is 0 and the bodies are empty.
 #pragma once
 
 #include <cstdint>
@@ -14,11 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FL_WGMMA_DEVICE 1
-#else
-#define FL_WGMMA_DEVICE 0
-#endif
+#include "common/hopper.cuh"  // FL_HOPPER_DEVICE
 
 namespace fl {
 namespace linear {
@@ -27,7 +23,7 @@ template <typename T, int N> struct Wgmma;
 
 template <> struct Wgmma<__half, 128> {
   static __device__ __forceinline__ void mma(float (&d)[64], uint64_t da, uint64_t db) {
-#if FL_WGMMA_DEVICE
+#if FL_HOPPER_DEVICE
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
@@ -51,7 +47,7 @@ template <> struct Wgmma<__half, 128> {
 
 template <> struct Wgmma<__nv_bfloat16, 128> {
   static __device__ __forceinline__ void mma(float (&d)[64], uint64_t da, uint64_t db) {
-#if FL_WGMMA_DEVICE
+#if FL_HOPPER_DEVICE
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
@@ -75,7 +71,7 @@ template <> struct Wgmma<__nv_bfloat16, 128> {
 
 template <> struct Wgmma<__half, 256> {
   static __device__ __forceinline__ void mma(float (&d)[128], uint64_t da, uint64_t db) {
-#if FL_WGMMA_DEVICE
+#if FL_HOPPER_DEVICE
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
@@ -111,7 +107,7 @@ template <> struct Wgmma<__half, 256> {
 
 template <> struct Wgmma<__nv_bfloat16, 256> {
   static __device__ __forceinline__ void mma(float (&d)[128], uint64_t da, uint64_t db) {
-#if FL_WGMMA_DEVICE
+#if FL_HOPPER_DEVICE
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
