@@ -34,8 +34,15 @@ constexpr int kBlockN = 128;     // keys per tile
 constexpr int kStages = 2;       // K/V ring depth
 constexpr int kThreads = 384;    // warpgroup 0: producer (TMA), warpgroups 1, 2: consumers
 constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;  // 40*128 + 232*256 = 64512 <= 65536
-static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
+constexpr int kConsumerRegs = 232;  // 40*128 + 232*256 = 64512 = 168*384
+// setmaxnreg moves registers within the pool the CTA got at launch: __launch_bounds__(kThreads, 1)
+// caps a thread at 65536/kThreads rounded down to 8 (168 here; ptxas -v must report exactly that),
+// so the pool is that cap x kThreads, not the 65536 register file: an inc beyond it never returns.
+constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
+static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= kLaunchRegs * kThreads, "setmaxnreg pool");
+static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 && kConsumerRegs <= 256 &&
+                  kProducerRegs <= kLaunchRegs && kConsumerRegs >= kLaunchRegs,
+              "setmaxnreg: multiples of 8 in [24, 256], dec below / inc above the launch cap");
 
 // Byte offsets inside the (1024-aligned) dynamic shared memory.
 template <int D>
