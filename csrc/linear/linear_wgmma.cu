@@ -24,7 +24,7 @@
 // the wgmma descriptor names it "128B swizzle, 8-row groups 1024 bytes apart" and advances 32
 // bytes per k16 step inside the 128-byte row (the hardware swizzles the computed address).
 // Requirements (host checks, wgmma_fwd_unsupported): sm_90 device, sm_90a code in the build, x and
-// W 16-byte aligned with row strides multiples of 8 elements, K >= 1.
+// W 16-byte aligned with nonzero row strides multiples of 8 elements (no broadcast rows), K >= 1.
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -209,8 +209,9 @@ linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_c
       hopper::mbar_init(full(s), 1);                    // the producer's arrive.expect_tx
       hopper::mbar_init(empty(s), C::EMPTY_ARRIVALS);   // one arrival per consumer warp that reads it
     }
-    hopper::mbar_init(order(0), 1);
-    hopper::mbar_init(order(1), 1);
+    // order(c): one arrival per warp of the other consumer warpgroup (see the ping-pong wait below).
+    hopper::mbar_init(order(0), 4);
+    hopper::mbar_init(order(1), 4);
     // Make the initialised barriers visible to the async proxy (TMA completes on them).
     hopper::fence_mbarrier_init();
     hopper::fence_proxy_async_shared();
@@ -265,6 +266,11 @@ linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_c
       // completion). Besides keeping the two mainloops apart (one's epilogue overlaps the other's
       // wgmmas), this is what makes the parity waits below sound: a stage's previous round has
       // always been waited for before its next round is (the producer never runs a round ahead).
+      // Every warp arrives (count 4), not one per warpgroup: warps of a warpgroup are not in lockstep,
+      // and with a single arrival the other warpgroup could complete order(cw) twice while a lagging
+      // warp here still waits for the first (parity aliasing: that warp would hang). With four, the
+      // other warpgroup's next arrival follows its own order wait, which needs all of this
+      // warpgroup's warps past this wait.
       if (PINGPONG && q > 0) hopper::mbar_wait_or_trap(order(cw), ((q + cw) / 2 + 1) & 1);
       const uint32_t it0 = uint32_t(q) * uint32_t(KT);
       for (int kt = 0; kt < KT; ++kt) {
@@ -293,9 +299,9 @@ linear_wgmma_fwd_kernel(const __grid_constant__ CUtensorMap tm_x, const __grid_c
         for (int mw = 0; mw < MW; ++mw) acc_fence(acc[mw]);
         if (kt > 0 && lane == 0) hopper::mbar_arrive(empty((it - 1) % STAGES));
       }
-      // All of this tile's wgmmas are issued, and this thread has seen every one of its stages'
-      // "full" rounds complete: the other warpgroup may start its next tile.
-      if (PINGPONG && warp == 0 && lane == 0) hopper::mbar_arrive(order(1 - cw));
+      // All of this warp's wgmmas of the tile are issued, and it has seen every one of its stages'
+      // "full" rounds complete: once all four warps say so, the other warpgroup may start its next tile.
+      if (PINGPONG && lane == 0) hopper::mbar_arrive(order(1 - cw));
       hopper::wgmma_wait<0>();
 #pragma unroll
       for (int mw = 0; mw < MW; ++mw) acc_fence(acc[mw]);
@@ -348,10 +354,12 @@ int sm_count_of(int dev) {
   return n;
 }
 
-// TMA's rules for a row-major (rows, K) operand: base 16-byte aligned, row stride (bytes) a multiple
-// of 16 below 2^40 -- irrelevant for a single row (make_map then states a valid one).
+// TMA's rules for a row-major (rows, K) operand: base 16-byte aligned, row stride (bytes) a nonzero
+// multiple of 16 below 2^40 -- irrelevant for a single row (make_map then states a valid one). A
+// broadcast row (stride 0, which fl_linear_fwd accepts for x and weight) cannot be a tensor map.
 bool tma_ok(const void* ptr, int64_t ld, int64_t rows) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (rows <= 1 || (ld % 8 == 0 && ld < (int64_t(1) << 38)));
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 &&
+         (rows <= 1 || (ld > 0 && ld % 8 == 0 && ld < (int64_t(1) << 38)));
 }
 
 // Row-major (rows, K) matrix with row stride ld elements, read in (box_rows x 64) tiles.
@@ -437,10 +445,10 @@ std::string wgmma_fwd_unsupported(const GemmParams& p) {
            std::to_string(dev) + " is " + std::to_string(cc / 10) + "." + std::to_string(cc % 10);
   if (p.K < 1) return "K == 0 (nothing for TMA to load)";
   if (!tma_ok(p.a, p.lda, p.M))
-    return "TMA needs x 16-byte aligned with a row stride that is a multiple of 8 elements, got address " +
+    return "TMA needs x 16-byte aligned with a nonzero row stride that is a multiple of 8 elements, got address " +
            std::to_string(reinterpret_cast<uintptr_t>(p.a)) + " and row stride " + std::to_string(p.lda);
   if (!tma_ok(p.b, p.ldb, p.N))
-    return "TMA needs weight 16-byte aligned with a row stride that is a multiple of 8 elements, got address " +
+    return "TMA needs weight 16-byte aligned with a nonzero row stride that is a multiple of 8 elements, got address " +
            std::to_string(reinterpret_cast<uintptr_t>(p.b)) + " and row stride " + std::to_string(p.ldb);
   return "";
 #endif

@@ -12,7 +12,7 @@ namespace linear {
 
 // Why the sm_90a forward cannot run `p` (a kForward GemmParams) on the current device: "" when it
 // can. Reasons: the build has no sm_90a code, the device is not compute capability 9.0, K == 0,
-// or x / weight break TMA's rules (base 16-byte aligned, row stride a multiple of 16 bytes).
+// or x / weight break TMA's rules (base 16-byte aligned, row stride a nonzero multiple of 16 bytes).
 std::string wgmma_fwd_unsupported(const GemmParams& p);
 
 // Launches the sm_90a forward on `stream` (the caller checked wgmma_fwd_unsupported(p) is "").
