@@ -432,7 +432,8 @@ def test_linear_fwd_wgmma_misaligned(impl, monkeypatch):
     w = torch.randn(96, 64, device="cuda", dtype=dtype)                            # (N, K)
     buf = torch.randn(300, 80, device="cuda", dtype=dtype)
     for x in (torch.randn(300, 129, device="cuda", dtype=dtype)[:, :64],          # row stride 129
-              buf[:, 1:65]):                                                    # base 2 bytes off
+              buf[:, 1:65],                                                     # base 2 bytes off
+              torch.randn(1, 64, device="cuda", dtype=dtype).expand(300, 64)):  # row stride 0
         if impl == "wgmma":
             with pytest.raises(RuntimeError, match="wgmma"):
                 ops.linear_fwd(x, w, None, "relu", None, False)
