@@ -10,7 +10,8 @@
 #                                                     (JSON + PNG; tarred: the machine returns <= 8 files)
 #   OUTDIR/summary.txt: one line per step with its status and seconds.
 # Budget on one H100: build 1-2 min, tests <= 3 min, bench <= 3 min; the step limits add up to 570 s.
-# Limits are overridable: GPU_CHECK_BUILD_S, GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S.
+# Limits are overridable: GPU_CHECK_BUILD_S, GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S; extra pytest
+# arguments (e.g. a file or -k expression, to spend a short lease on one kernel) in GPU_CHECK_PYTEST_ARGS.
 set -u
 if [ $# -ne 1 ]; then
     echo "usage: $0 OUTDIR" >&2
@@ -53,7 +54,8 @@ step build "$OUT/build.log" "$BUILD_S" "$PY" -m pip install --no-deps --no-build
 XDIST=$("$PY" -c "import xdist" > /dev/null 2>&1 && echo "-n 8")
 # shellcheck disable=SC2086
 step pytest-gpu "$OUT/pytest-gpu.log" "$TEST_S" \
-    "$PY" -m pytest -m gpu $XDIST --maxfail=25 -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
+    "$PY" -m pytest -m gpu $XDIST --maxfail=25 -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" \
+    ${GPU_CHECK_PYTEST_ARGS:-}
 
 BENCH_DIR=$(mktemp -d)
 step info "$OUT/bench.log" 30 "$PY" -m fastlayers.cli info
