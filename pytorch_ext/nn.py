@@ -44,14 +44,18 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """torch.nn.RMSNorm on fl.layer_norm(rms=True); eps=None means torch.finfo(x.dtype).eps, as torch."""
+    """torch.nn.RMSNorm on fl.layer_norm(rms=True); eps=None means what torch's kernel uses:
+    torch.finfo of the compute dtype (float32 for fp16/bf16 inputs, else x's dtype)."""
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
     def forward(self, x: Tensor, residual: Tensor | None = None):
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if self.eps is not None:
+            eps = self.eps
+        else:  # as torch.nn.RMSNorm's kernel: the eps of the compute (opmath) dtype, fp32 for fp16/bf16
+            eps = torch.finfo(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype).eps
         return _flat_norm(self, x, True, eps, residual)
 
 

@@ -172,6 +172,9 @@ def test_errors_name_the_argument():
         fl.attention_with_kvcache(q, kc, kc.clone(), torch.tensor([3, 5], dtype=torch.int32), q, q)
     with pytest.raises(TypeError, match="cache_seqlens: expected an int32 tensor"):
         fl.attention_with_kvcache(q, kc, kc.clone(), torch.tensor([3, 5]))
+    with pytest.raises(RuntimeError, match="forward-only"):
+        fl.attention_with_kvcache(q.requires_grad_(), kc, kc.clone(), torch.tensor([0, 0], dtype=torch.int32))
+    q.requires_grad_(False)
     with pytest.raises(ValueError, match="k_new, v_new"):
         fl.attention_with_kvcache(q, kc, kc.clone(), torch.tensor([0, 0], dtype=torch.int32), q, None)
 

@@ -7,13 +7,17 @@ The op pattern (layer_norm.py is the model; attention.py and linear.py follow it
   3. eager: resolve the backend, call its launcher directly (through one autograd.Function only
      when a gradient is needed) -- the custom op's ~20-50 us dispatch cost is not paid in eager;
   4. torch.compile: the same public function calls the torch.library custom op, whose schema, fake
-     implementation and registered autograd make it traceable; the backend is resolved at trace time.
+     implementation and registered autograd make it traceable; the backend request is fixed at trace
+     time and resolved inside the op on its real inputs (shapes may be symbolic while tracing).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+
+from ..backends import requested, use_backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,7 +54,7 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def as_rows(t: torch.Tensor, cols: int) -> torch.Tensor:
     """(..., cols) -> (rows, cols) with stride(1) == 1; a view whenever the layout allows."""
     t = last_dim_contiguous(t)
-    t2 = t.reshape(-1, cols)
+    t2 = t.reshape(math.prod(t.shape[:-1]), cols)  # not -1: ambiguous when cols == 0
     if cols == 1 and t2.stride(1) != 1:  # a size-1 dim may carry any stride
         t2 = t2.as_strided(t2.shape, (t2.stride(0), 1))
     return t2
@@ -65,6 +69,23 @@ def needs_grad(*tensors) -> bool:
 def empty_placeholder(like: torch.Tensor) -> torch.Tensor:
     """Custom ops cannot return None: absent outputs are 0-element tensors."""
     return like.new_empty((0,))
+
+
+@torch.compiler.assume_constant_result
+def request_for_trace(backend) -> str:
+    """torch.compile path: the explicit backend request in force at trace time (argument, then
+    use_backend block, then FASTLAYERS_BACKEND), or "" for the automatic choice. The custom ops
+    resolve it against their real inputs at run time (resolve_in_op): while tracing, shapes may be
+    symbolic (dynamic sequence lengths), which assume_constant_result cannot take as arguments."""
+    return requested(backend) or ""
+
+
+def resolve_in_op(request: str, select) -> str:
+    """Inside a custom op: the backend that runs this call. request "" = automatic; a name is an
+    explicit request (BackendUnavailableError when it cannot run the case). select(None) is the op's
+    _select bound to the op's real inputs."""
+    with use_backend(request or None):  # None on the stack: automatic, the environment not consulted
+        return select(None)
 
 
 def device_guard(t: torch.Tensor):

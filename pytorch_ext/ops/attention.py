@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import check_like, check_tensor, device_guard, needs_grad
+from ._common import check_like, check_tensor, device_guard, needs_grad, request_for_trace, resolve_in_op
 from ..kernels.philox import dropout_keep_mask
 
 OP = "attention"
@@ -105,7 +105,7 @@ def attention_ref_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, caus
         dp = torch.matmul(doh, vh.transpose(-1, -2))
         if dropout_p > 0:
             keep = dropout_keep_mask(seed, offset, B, H, Lq, Lk, q.device, dropout_p, q0, q1)
-            scale = keep / (1.0 - dropout_p)
+            scale = keep.to(acc) / (1.0 - dropout_p)  # bool / float would be float32
             dv += torch.matmul((p * scale).transpose(-1, -2), doh)
             dp = dp * scale
         else:
@@ -294,7 +294,7 @@ def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softm
         raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
     # Lengths live on the device: checking them costs a host sync, so it is skipped while a CUDA
     # graph is being captured or torch.compile traces (the kernels never write past Lmax regardless).
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q.device.type == "meta":  # meta: no lengths to read
         return
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         need = Lq if k_new is not None else 0
@@ -318,6 +318,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     (bottom-right causal within the new block when causal=True).
     """
     _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale)
+    if needs_grad(q, k_cache, v_cache, k_new, v_new):
+        raise RuntimeError("attention_with_kvcache is forward-only (decoding): its inputs require grad; call it "
+                           "under torch.no_grad() / torch.inference_mode(), or use fl.attention to train")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: the last dimension must be contiguous (the caches are written "
@@ -326,7 +329,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     k_new = _last_dim_contig(k_new) if k_new is not None else None
     v_new = _last_dim_contig(v_new) if v_new is not None else None
     if torch.compiler.is_compiling():
-        name = _resolve_kv_for_trace(backend, str(q.device), str(q.dtype).replace("torch.", ""), q.shape[-1])
+        name = request_for_trace(backend)  # "" = automatic; resolved in the op on its real inputs
         return torch.ops.fastlayers.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                                            scale, causal, name)
     name = _select_kv(backend, q, k_cache, v_cache, k_new, v_new)
@@ -337,30 +340,10 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
 
 
 # ----------------------------------------------------------------------------- torch.compile path
-def _probe(device, dtype, shape):
-    return torch.empty(shape, device=device, dtype=getattr(torch, dtype))
-
-
-@torch.compiler.assume_constant_result
-def _resolve_for_trace(backend, device, dtype, B, Lq, Lk, H, D, causal, has_mask, dropout_p):
-    q = _probe(device, dtype, (B, Lq, H, D))
-    k = _probe(device, dtype, (B, Lk, H, D))
-    mask = torch.ones((B, Lk), dtype=torch.bool, device=device) if has_mask else None
-    return _select(backend, q, k, k, causal, mask, dropout_p)
-
-
-@torch.compiler.assume_constant_result
-def _resolve_kv_for_trace(backend, device, dtype, D):
-    q = _probe(device, dtype, (1, 1, 1, D))
-    return _select_kv(backend, q, q)
-
-
 def _compiled(q, k, v, causal, softmax_scale, key_padding_mask, dropout_p, deterministic, backend):
     _validate(q, k, v, causal, softmax_scale, key_padding_mask, dropout_p)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    B, Lq, H, D = q.shape
-    name = _resolve_for_trace(backend, str(q.device), str(q.dtype).replace("torch.", ""), B, Lq, k.shape[1], H, D,
-                              causal, key_padding_mask is not None, float(dropout_p))
+    name = request_for_trace(backend)  # "" = automatic; resolved in the op on its real inputs
     o, _, _ = torch.ops.fastlayers.attention_fwd(q, k, v, key_padding_mask, scale, causal, float(dropout_p),
                                                  bool(deterministic), name)
     return o
@@ -374,6 +357,7 @@ def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
     time, not at trace time) so every call of a compiled graph draws a fresh dropout mask."""
     seed = _draw_seed() if dropout_p > 0 else 0
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
+    backend = resolve_in_op(backend, lambda b: _select(b, q, k, v, causal, key_padding_mask, dropout_p))
     with device_guard(q):
         o, lse = BACKENDS.module(backend).attention_fwd(q, k, v, key_padding_mask, softmax_scale, causal,
                                                         dropout_p, seed, 0)
@@ -394,6 +378,7 @@ def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, ls
                       dropout_p: float, deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     seed, offset = (int(x) for x in rng_state.tolist())
     do, q, k, v = (_last_dim_contig(t) for t in (do, q, k, v))
+    backend = resolve_in_op(backend, lambda b: _select(b, q, k, v, causal, key_padding_mask, dropout_p))
     with device_guard(q):
         return BACKENDS.module(backend).attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale,
                                                       causal, dropout_p, seed, offset, deterministic)
@@ -425,6 +410,7 @@ _attention_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_co
 @torch.library.custom_op("fastlayers::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _attention_kv_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
                      v_new: Optional[Tensor], softmax_scale: float, causal: bool, backend: str) -> Tensor:
+    backend = resolve_in_op(backend, lambda b: _select_kv(b, q, k_cache, v_cache, k_new, v_new))
     with device_guard(q):
         return BACKENDS_KV.module(backend).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new,
                                                                   v_new, softmax_scale, causal)

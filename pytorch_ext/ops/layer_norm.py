@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import as_rows, check_like, check_tensor, device_guard, empty_placeholder, needs_grad
+from ._common import (as_rows, check_like, check_tensor, device_guard, empty_placeholder, needs_grad,
+                      request_for_trace, resolve_in_op)
 
 OP = "layer_norm"
 MAX_COLS_KERNELS = 65536  # the Triton and CUDA kernels' limit; the torch backend takes any size
@@ -183,16 +184,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
 
 
 # ----------------------------------------------------------------------------- torch.compile path
-@torch.compiler.assume_constant_result
-def _resolve_for_trace(backend: Optional[str], device: str, dtype: str, cols: int) -> str:
-    # Resolved once at trace time with a stand-in tensor of the right device/dtype/width.
-    probe = torch.empty((1, cols), device=device, dtype=getattr(torch, dtype))
-    return _select(backend, probe)
-
-
 def _compiled(x, weight, bias, eps, residual, rms, backend):
     _validate(x, weight, bias, eps, residual, rms)
-    name = _resolve_for_trace(backend, str(x.device), str(x.dtype).replace("torch.", ""), int(x.shape[-1]))
+    name = request_for_trace(backend)  # "" = automatic; resolved in the op on its real inputs
     y, res_out, _, _ = torch.ops.fastlayers.layer_norm_fwd(x, weight, bias, residual, float(eps), rms, name)
     return y if residual is None else (y, res_out)
 
@@ -200,8 +194,10 @@ def _compiled(x, weight, bias, eps, residual, rms, backend):
 @torch.library.custom_op("fastlayers::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                        eps: float, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, residual_out, mean, rstd); absent ones are 0-element tensors."""
+    """Returns (y, residual_out, mean, rstd); absent ones are 0-element tensors.
+    backend: a backend name, or "" for the automatic choice."""
     cols = x.shape[-1]
+    backend = resolve_in_op(backend, lambda b: _select(b, x))
     x2 = as_rows(x, cols)
     r2 = as_rows(residual, cols) if residual is not None else None
     with device_guard(x):
@@ -226,6 +222,7 @@ def _layer_norm_bwd_op(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Te
                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (ds, dweight, dbias); absent ones are 0-element tensors."""
     cols = s.shape[-1]
+    backend = resolve_in_op(backend, lambda b: _select(b, s))
     with device_guard(s):
         ds, dw, db = _launchers(backend).layer_norm_bwd(
             as_rows(dy, cols), as_rows(s, cols), weight, None if rms else mean, rstd,

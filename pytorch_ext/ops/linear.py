@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import as_rows, check_like, check_tensor, device_guard, empty_placeholder, needs_grad
+from ._common import (as_rows, check_like, check_tensor, device_guard, empty_placeholder, needs_grad,
+                      request_for_trace, resolve_in_op)
 
 OP = "linear"
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
@@ -148,8 +149,11 @@ class _LinearFn(torch.autograd.Function):
         dy2 = as_rows(dy, N)
         needs_dx = ctx.needs_input_grad[0]
         needs_dw = ctx.needs_input_grad[1]
-        dx, dw, db = BACKENDS.module(name).linear_bwd(dy2, x2, weight, preact, activation,
-                                                      has_bias and ctx.needs_input_grad[2], needs_dx, needs_dw)
+        needs_db = has_bias and ctx.needs_input_grad[2]
+        dx = dw = db = None
+        if needs_dx or needs_dw or needs_db:  # only residual needs a gradient: no preact was saved
+            dx, dw, db = BACKENDS.module(name).linear_bwd(dy2, x2, weight, preact, activation, needs_db,
+                                                          needs_dx, needs_dw)
         dres = dy if (has_res and ctx.needs_input_grad[3]) else None
         return (dx.view(x_shape) if dx is not None else None), dw, db, dres, None, None, None
 
@@ -163,30 +167,26 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activati
         return _compiled(x, weight, bias, activation, residual, backend)
     _validate(x, weight, bias, activation, residual)
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    name = _select(backend, x, weight)
+    K, N = x.shape[-1], weight.shape[0]
+    out_shape = (*x.shape[:-1], N)
+    # The backends see (M, K) rows: select on that view, not on x's leading dims (a 3-D x must not
+    # make a kernel backend look unable to run the case).
+    x2 = as_rows(x, K)                                                             # (M, K)
+    r2 = as_rows(residual, N) if residual is not None else None                    # (M, N)
+    name = _select(backend, x2, weight)
     BACKENDS.record(name)
     with device_guard(x):
         if needs_grad(x, weight, bias, residual):
             need_preact = activation is not None and needs_grad(x, weight, bias)
-            return _LinearFn.apply(x, weight, bias, residual, activation, need_preact, name)
-        K, N = x.shape[-1], weight.shape[0]
-        y, _ = BACKENDS.module(name).linear_fwd(as_rows(x, K), weight, bias, activation,
-                                                as_rows(residual, N) if residual is not None else None, False)
-    return y.view(*x.shape[:-1], N)
+            return _LinearFn.apply(x2, weight, bias, r2, activation, need_preact, name).view(out_shape)
+        y, _ = BACKENDS.module(name).linear_fwd(x2, weight, bias, activation, r2, False)
+    return y.view(out_shape)
 
 
 # ----------------------------------------------------------------------------- torch.compile path
-@torch.compiler.assume_constant_result
-def _resolve_for_trace(backend, device, dtype, K, N):
-    x = torch.empty((1, K), device=device, dtype=getattr(torch, dtype))
-    w = torch.empty((N, K), device=device, dtype=getattr(torch, dtype))
-    return _select(backend, x, w)
-
-
 def _compiled(x, weight, bias, activation, residual, backend):
     _validate(x, weight, bias, activation, residual)
-    name = _resolve_for_trace(backend, str(x.device), str(x.dtype).replace("torch.", ""), x.shape[-1],
-                              weight.shape[0])
+    name = request_for_trace(backend)  # "" = automatic; resolved in the op on its real inputs
     save_preact = activation is not None and needs_grad(x, weight, bias)
     y, _ = torch.ops.fastlayers.linear_fwd(x, weight, bias, residual, activation, save_preact, name)
     return y
@@ -195,9 +195,10 @@ def _compiled(x, weight, bias, activation, residual, backend):
 @torch.library.custom_op("fastlayers::linear_fwd", mutates_args=())
 def _linear_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                    activation: Optional[str], save_preact: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (y, preact); preact is a 0-element tensor when not saved."""
+    """Returns (y, preact); preact is a 0-element tensor when not saved. backend: a name or "" (auto)."""
     K, N = x.shape[-1], weight.shape[0]
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    backend = resolve_in_op(backend, lambda b: _select(b, as_rows(x, K), weight))
     with device_guard(x):
         y, preact = BACKENDS.module(backend).linear_fwd(as_rows(x, K), weight, bias, activation,
                                                         as_rows(residual, N) if residual is not None else None,
@@ -218,6 +219,7 @@ def _linear_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, preact: Optional[Tenso
                    has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     K, N = x.shape[-1], weight.shape[0]
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    backend = resolve_in_op(backend, lambda b: _select(b, as_rows(x, K), weight))
     with device_guard(x):
         dx, dw, db = BACKENDS.module(backend).linear_bwd(
             as_rows(dy, N), as_rows(x, K), weight, as_rows(preact, N) if activation is not None else None,
@@ -241,6 +243,8 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, dy, dpreact):
     x, weight, preact = ctx.saved_tensors
     activation, has_bias, has_res, backend = ctx.meta
+    if not any(ctx.needs_input_grad[:3]):  # only residual needs a gradient: no preact was saved
+        return None, None, None, (dy if has_res else None), None, None, None
     dx, dw, db = torch.ops.fastlayers.linear_bwd(dy, x, weight, preact, activation, has_bias, backend)
     return dx, dw, (db if has_bias else None), (dy if has_res else None), None, None, None
 
