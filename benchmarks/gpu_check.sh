@@ -5,7 +5,7 @@
 # non-zero when any step failed):
 #   1 nvidia-smi                                   -> OUTDIR/nvidia-smi.txt
 #   2 pip install --no-deps --no-build-isolation -e .  (builds libfastlayers_cuda.so) -> OUTDIR/build.log
-#   3 pytest -m gpu -q (xdist)                          -> OUTDIR/pytest-gpu.log, OUTDIR/pytest-gpu.xml
+#   3 gpu_smoke (one case per op x backend x dtype), then pytest -m gpu -q (xdist)                          -> OUTDIR/pytest-gpu.log, OUTDIR/pytest-gpu.xml
 #   4 fastlayers info + fastlayers bench --quick   -> OUTDIR/bench.log, OUTDIR/bench-results.tar.gz
 #                                                     (JSON + PNG; tarred: the machine returns <= 8 files)
 #   OUTDIR/summary.txt: one line per step with its status and seconds.
@@ -49,6 +49,8 @@ step() {  # step NAME LOGFILE TIMEOUT_S CMD...: runs CMD under a time limit, app
 
 step nvidia-smi "$OUT/nvidia-smi.txt" 30 nvidia-smi
 step build "$OUT/build.log" "$BUILD_S" "$PY" -m pip install --no-deps --no-build-isolation -e .
+# One small case per op x backend x dtype first: a whole-library verdict in under a minute.
+step gpu-smoke "$OUT/pytest-gpu.log" 120 "$PY" -m fastlayers.bench.gpu_smoke
 # Triton compiles one kernel per specialisation (CPU-bound): spread the tests over 8 workers when
 # pytest-xdist is there; collect up to 25 failures rather than stopping at the first.
 XDIST=$("$PY" -c "import xdist" > /dev/null 2>&1 && echo "-n 8")

@@ -156,3 +156,12 @@ def test_table_is_aligned():
              "backend_ran": None, "status": "ok"} for i, t in (("torch eager", 0.5), ("fastlayers[triton]", 0.25))]
     lines = report.format_table("norm", rows).splitlines()
     assert len(lines) == 4 and len({line.index("GB/s") for line in lines[2:]}) == 1
+
+
+def test_gpu_smoke_cases_run_on_the_torch_backend():
+    # The GPU smoke script's cases, pointed at the torch backend on CPU: they must run and agree.
+    import torch
+    from fastlayers.bench import gpu_smoke as s
+    for fn in (s.case_layer_norm, s.case_attention, s.case_kvcache, s.case_linear):
+        ran, err = fn("torch", torch.float32, "cpu")
+        assert ran == "torch" and err < 1e-4, (fn.__name__, ran, err)
