@@ -8,7 +8,12 @@ seconds per file and the binary survives torch upgrades.
 Environment:
   FASTLAYERS_CUDA_ARCHS   targets, ';' or ',' separated (default "80;90a"): 80 -> sm_80 cubin,
                           90a -> sm_90a cubin (wgmma/TMA), any NN or NNa accepted.
-  FASTLAYERS_SKIP_CUDA=1  install without the CUDA library (fl.available_backends() says so).
+  FASTLAYERS_BUILD_CUDA   1: build the library even on a machine with no NVIDIA driver (CI does, to
+                          prove it compiles and links; so do wheel builds for GPU machines);
+                          0: never build it. Unset: build when nvcc is found AND this machine has
+                          an NVIDIA driver -- a CPU-only machine cannot run the library, and the
+                          build costs minutes of nvcc there.
+  FASTLAYERS_SKIP_CUDA=1  same as FASTLAYERS_BUILD_CUDA=0 (older name).
   FASTLAYERS_NVCC         the nvcc to use (default: $CUDA_HOME/bin/nvcc, then nvcc on PATH).
   FASTLAYERS_BUILD_JOBS   ninja's -j (default: ninja's own choice).
 `python setup.py build_cuda` rebuilds the library in place (incremental).
@@ -59,10 +64,23 @@ def _archs():
     return archs
 
 
-def build_cuda_library(verbose=False):
+def _has_nvidia_driver():
+    """A GPU machine: the kernel driver is loaded (no torch or CUDA runtime call at build time)."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def build_cuda_library(verbose=False, force=False):
     """Builds pytorch_ext/_lib/libfastlayers_cuda.so; returns its path, or None when skipped."""
-    if os.environ.get("FASTLAYERS_SKIP_CUDA") == "1":
-        print("fastlayers: FASTLAYERS_SKIP_CUDA=1, installing without the CUDA library")
+    want = os.environ.get("FASTLAYERS_BUILD_CUDA", "").strip()
+    if want not in ("", "0", "1"):
+        raise SystemExit(f"FASTLAYERS_BUILD_CUDA: expected 0, 1 or unset, got {want!r}")
+    if want == "0" or os.environ.get("FASTLAYERS_SKIP_CUDA") == "1":
+        print("fastlayers: CUDA library build switched off (FASTLAYERS_BUILD_CUDA=0 / FASTLAYERS_SKIP_CUDA=1)")
+        return None
+    if not force and want != "1" and not _has_nvidia_driver():
+        print("fastlayers: no NVIDIA driver on this machine, so the CUDA library (which could not run "
+              "here) is not built; the torch and triton backends work. FASTLAYERS_BUILD_CUDA=1 builds "
+              "it anyway (about 5 min on 2 cores).", file=sys.stderr)
         return None
     nvcc = _find_nvcc()
     if nvcc is None:
@@ -133,8 +151,8 @@ class BuildCuda(Command):
     def finalize_options(self):
         pass
 
-    def run(self):
-        build_cuda_library(verbose=bool(self.verbose_ninja))
+    def run(self):  # an explicit request: builds without a driver too
+        build_cuda_library(verbose=bool(self.verbose_ninja), force=True)
 
 
 class BuildPyWithCuda(build_py):

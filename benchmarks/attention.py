@@ -1,9 +1,15 @@
-"""Attention jobs. Training: fwd, bwd, fwd+bwd TFLOP/s (formulas.attention_*_flops) for B*L = 16384,
-H*D = 2048, D in {64, 128}, causal and not, against torch eager (F.scaled_dot_product_attention with
-its default dispatch: the speed-up reference), SDPA pinned to each backend (flash, efficient, cuDNN;
-a backend that refuses the case is an "unsupported" row), torch.compile, and flash-attn when importable.
-Decode: one query over a full KV cache, GB/s over the bytes of K and V, against SDPA on the sliced cache.
+"""Attention jobs. Training: fwd, bwd, fwd+bwd TFLOP/s (formulas.attention_*_flops) per mask kind --
+"none", "causal", "padding" (a (B, Lk) key_padding_mask, True = attend; FLOPs count the valid keys)
+-- against torch eager (F.scaled_dot_product_attention with its default dispatch, is_causal or a
+boolean attn_mask -- "SDPA" in notes: the baseline every row is checked against and the speed-up reference), SDPA
+pinned to each backend (flash, efficient, cuDNN; a backend that refuses the case is an
+"unsupported" row), torch.compile, and flash-attn when importable.
+Decode: one query over a KV cache of max_len slots holding `cache` valid keys, GB/s over the bytes of
+the valid K and V, against SDPA on the valid slice. The slots past cache_seqlens hold NaN, as memory
+from torch.empty may: they must not affect the output (a kernel that reads them fails its check).
 fastlayers takes (B, L, H, D); SDPA takes (B, H, L, D): it gets transposed views (no copies).
+On a GPU: B*L = 16384, H*D = 2048 (the padding case on the first shape only). On CPU: model-sized
+shapes (H12 D64, as BERT-base / GPT-2), padding and causal, kept to seconds on one thread.
 """
 from __future__ import annotations
 
@@ -16,28 +22,43 @@ from .impls import Config, compiled, fl_jobs_spec, optional, randn
 
 
 def train_shapes(cfg: Config):
-    """(B, L, H, D) with B*L = 16384 and H*D = 2048 on a GPU."""
+    """(B, L, H, D)."""
     if not cfg.gpu:
-        return [(1, 128, 2, 32)]
+        return [(2, 128, 12, 64)] if cfg.quick else [(4, 256, 12, 64)]
     if cfg.quick:
         return [(16, 1024, 32, 64), (4, 4096, 16, 128)]
     return [(16384 // L, L, 2048 // D, D) for D in (64, 128) for L in (512, 1024, 2048, 4096, 8192, 16384)]
 
 
-def decode_shapes(cfg: Config):
-    """(B, cache length, H, D) with H*D = 2048 on a GPU."""
+def train_masks(cfg: Config, shape_index: int) -> tuple[str, ...]:
     if not cfg.gpu:
-        return [(2, 256, 2, 32)]
+        return ("padding", "causal")
+    return ("none", "causal", "padding") if shape_index == 0 else ("none", "causal")
+
+
+def decode_shapes(cfg: Config):
+    """(B, valid cache length, H, D)."""
+    if not cfg.gpu:
+        return [(2, 256, 12, 64)] if cfg.quick else [(4, 1024, 12, 64)]
     if cfg.quick:
         return [(1, 32768, 16, 128), (16, 8192, 16, 128)]
     return [(b, c, 16, 128) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
 
 
+DECODE_SLACK = 128   # unused cache slots past the valid length (poisoned with NaN)
+
+
+def padding_lengths(B: int, L: int) -> list[int]:
+    """Valid keys per batch row: L for the first, down to about L/2 (fixed: the FLOP count needs them)."""
+    return [max(1, L - (i * L) // (2 * B)) for i in range(B)]
+
+
 def _sdpa(causal: bool):
-    def attn(q, k, v):
+    def attn(q, k, v, mask=None):
         # (B, L, H, D) -> (B, H, L, D) views; the output goes back to (B, L, H, D) as a view
+        m = None if mask is None else mask[:, None, None, :]            # (B, 1, 1, Lk), True = attend
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=causal)
+                                           attn_mask=m, is_causal=causal)
         return o.transpose(1, 2)
     return attn
 
@@ -58,30 +79,44 @@ def _sdpa_backends():
     return out
 
 
+def _train_inputs(cfg: Config, B: int, L: int, H: int, D: int, padded: bool):
+    def make():
+        d = {n: randn((B, L, H, D), cfg) for n in ("q", "k", "v")}       # (B, L, H, D) each
+        if padded:
+            lens = torch.tensor(padding_lengths(B, L), device=cfg.device)
+            d["mask"] = torch.arange(L, device=cfg.device)[None, :] < lens[:, None]   # (B, L) True = attend
+        return d
+    return make
+
+
+def _fl_build(fn, backend: str, causal: bool):
+    def build():
+        return lambda d: fn(d["q"], d["k"], d["v"], causal=causal, key_padding_mask=d.get("mask"), backend=backend)
+    return build
+
+
 def jobs(cfg: Config) -> list[Job]:
     out: list[Job] = []
     flash, flash_why = optional("flash_attn") if cfg.gpu else (None, None)
-    for B, L, H, D in train_shapes(cfg):
-        for causal in (False, True):
-            case = {"batch": B, "seqlen": L, "heads": H, "head_dim": D, "causal": causal}
-
-            def make(B=B, L=L, H=H, D=D):
-                return {n: randn((B, L, H, D), cfg) for n in ("q", "k", "v")}   # (B, L, H, D) each
+    for i, (B, L, H, D) in enumerate(train_shapes(cfg)):
+        for mask in train_masks(cfg, i):
+            causal, padded = mask == "causal", mask == "padding"
+            case = {"batch": B, "seqlen": L, "heads": H, "head_dim": D, "mask": mask}
+            lk = sum(padding_lengths(B, L)) / B if padded else L            # mean valid keys per query
+            make = _train_inputs(cfg, B, L, H, D, padded)
             for variant in ("fwd", "bwd", "fwd+bwd"):
                 flops = {"fwd": formulas.attention_fwd_flops, "bwd": formulas.attention_bwd_flops,
-                         "fwd+bwd": formulas.attention_fwdbwd_flops}[variant](B, H, L, L, D, causal)
+                         "fwd+bwd": formulas.attention_fwdbwd_flops}[variant](B, H, L, lk, D, causal)
                 common = dict(group="attention", case=case, variant=variant, unit="TFLOP/s", work=flops,
-                              inputs_key=("attention", B, L, H, D), make_inputs=make,
+                              inputs_key=("attention", B, L, H, D, padded), make_inputs=make,
                               grad_keys=("q", "k", "v"), peak="gemm")
                 eager = _sdpa(causal)
-                call = lambda d, f=eager: f(d["q"], d["k"], d["v"])  # noqa: E731
-                out.append(Job(impl="torch eager", build=lambda c=call: c, is_reference=True,
-                               note="F.scaled_dot_product_attention, default dispatch", **common))
+                call = lambda d, f=eager: f(d["q"], d["k"], d["v"], d.get("mask"))  # noqa: E731
+                note = "SDPA" + (" is_causal=True" if causal else "") + (" bool attn_mask" if padded else "")
+                out.append(Job(impl="torch eager", build=lambda c=call: c, is_reference=True, note=note, **common))
                 for name, backend, fn, skip in fl_jobs_spec("attention", cfg):
-                    def build(fn=fn, backend=backend, causal=causal):
-                        return lambda d: fn(d["q"], d["k"], d["v"], causal=causal, backend=backend)
-                    out.append(Job(impl=name, build=build, skip=skip, fl_op="attention", fl_backend=backend,
-                                   **common))
+                    out.append(Job(impl=name, build=_fl_build(fn, backend, causal), skip=skip, fl_op="attention",
+                                   fl_backend=backend, **common))
                 if not cfg.gpu:
                     continue
                 for label, ctx, skip in _sdpa_backends():
@@ -91,8 +126,10 @@ def jobs(cfg: Config) -> list[Job]:
                 def build_flash(causal=causal):
                     f = flash.flash_attn_func
                     return lambda d: f(d["q"], d["k"], d["v"], causal=causal)
-                out.append(Job(impl="flash-attn", build=build_flash, skip=flash_why if flash is None else None,
-                               **common))
+                skip = flash_why if flash is None else None
+                if skip is None and padded:
+                    skip = "unsupported: flash_attn_func takes no key padding mask (its varlen API does)"
+                out.append(Job(impl="flash-attn", build=build_flash, skip=skip, **common))
     out += decode_jobs(cfg, flash, flash_why)
     return out
 
@@ -102,7 +139,25 @@ def _compiled_call(eager):
 
     def build():
         f = build_fn()
-        return lambda d: f(d["q"], d["k"], d["v"])
+        return lambda d: f(d["q"], d["k"], d["v"], d.get("mask"))
+    return build
+
+
+def _decode_inputs(cfg: Config, B: int, C: int, Lmax: int, H: int, D: int):
+    def make():
+        d = {"q": randn((B, 1, H, D), cfg),                                  # (B, 1, H, D)
+             "k_cache": randn((B, Lmax, H, D), cfg),                         # (B, Lmax, H, D)
+             "v_cache": randn((B, Lmax, H, D), cfg),                         # (B, Lmax, H, D)
+             "cache_seqlens": torch.full((B,), C, dtype=torch.int32, device=cfg.device)}
+        d["k_cache"][:, C:] = float("nan")                                  # unused slots
+        d["v_cache"][:, C:] = float("nan")
+        return d
+    return make
+
+
+def _fl_decode_build(fn, backend: str):
+    def build():
+        return lambda d: fn(d["q"], d["k_cache"], d["v_cache"], d["cache_seqlens"], causal=True, backend=backend)
     return build
 
 
@@ -111,37 +166,29 @@ def decode_jobs(cfg: Config, flash, flash_why) -> list[Job]:
     el = torch.tensor([], dtype=cfg.dtype).element_size()
     total_mem = torch.cuda.get_device_properties(cfg.device).total_memory if cfg.gpu else None
     for B, C, H, D in decode_shapes(cfg):
-        case = {"batch": B, "cache": C, "heads": H, "head_dim": D, "q_len": 1}
+        Lmax = C + DECODE_SLACK
+        case = {"batch": B, "cache": C, "max_len": Lmax, "heads": H, "head_dim": D, "q_len": 1}
         work = formulas.decode_kv_bytes(B, C, H, D, el)
         too_big = None
-        if total_mem is not None and work > 0.4 * total_mem:
-            too_big = f"skipped: the cache needs {work / 2**30:.1f} GiB of {total_mem / 2**30:.0f} GiB"
-
-        def make(B=B, C=C, H=H, D=D):
-            return {"q": randn((B, 1, H, D), cfg),                                   # (B, 1, H, D)
-                    "k_cache": randn((B, C, H, D), cfg),                             # (B, C, H, D)
-                    "v_cache": randn((B, C, H, D), cfg),                             # (B, C, H, D)
-                    "cache_seqlens": torch.full((B,), C, dtype=torch.int32, device=cfg.device)}
+        if total_mem is not None and work * Lmax / C > 0.4 * total_mem:
+            too_big = f"skipped: the cache needs {work * Lmax / C / 2**30:.1f} GiB of {total_mem / 2**30:.0f} GiB"
         common = dict(group="attention", case=case, variant="decode", unit="GB/s", work=work,
-                      inputs_key=("decode", B, C, H, D), make_inputs=make, peak="bandwidth")
+                      inputs_key=("decode", B, C, Lmax, H, D), make_inputs=_decode_inputs(cfg, B, C, Lmax, H, D),
+                      peak="bandwidth")
 
-        def sdpa_build():
-            # one query, bottom-right causal over a full cache = every key: is_causal=False
+        def sdpa_build(C=C):
+            # one query, bottom-right causal over the valid cache = every valid key: is_causal=False
             # (SDPA's is_causal is top-left aligned and would let the query see key 0 only)
             def call(d):
-                n = int(d["k_cache"].shape[1])
-                k, v = d["k_cache"][:, :n], d["v_cache"][:, :n]                     # the filled part
+                k, v = d["k_cache"][:, :C], d["v_cache"][:, :C]                  # (B, C, H, D) valid part
                 return F.scaled_dot_product_attention(d["q"].transpose(1, 2), k.transpose(1, 2),
                                                       v.transpose(1, 2)).transpose(1, 2)
             return call
         out.append(Job(impl="torch eager", build=sdpa_build, is_reference=True, skip=too_big,
-                       note="F.scaled_dot_product_attention on the sliced cache", **common))
+                       note="SDPA on the valid cache slice", **common))
         for name, backend, fn, skip in fl_jobs_spec("attention_with_kvcache", cfg):
-            def build(fn=fn, backend=backend):
-                return lambda d: fn(d["q"], d["k_cache"], d["v_cache"], d["cache_seqlens"], causal=True,
-                                    backend=backend)
-            out.append(Job(impl=name, build=build, skip=too_big or skip, fl_op="attention_with_kvcache",
-                           fl_backend=backend, **common))
+            out.append(Job(impl=name, build=_fl_decode_build(fn, backend), skip=too_big or skip,
+                           fl_op="attention_with_kvcache", fl_backend=backend, **common))
         if cfg.gpu:
             def build_flash():
                 f = flash.flash_attn_with_kvcache

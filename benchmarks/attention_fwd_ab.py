@@ -47,8 +47,8 @@ def main() -> None:
                 for kernel in ("mma", "wgmma"):
                     os.environ["FASTLAYERS_CUDA_ATTENTION"] = kernel
                     try:
-                        outs[kernel] = ops.attention_fwd(q, k, v, None, D ** -0.5, causal, 0.0, 0, 0)[0]
-                        ms = do_bench(lambda: ops.attention_fwd(q, k, v, None, D ** -0.5, causal, 0.0, 0, 0))
+                        outs[kernel] = ops.attention_fwd(q, k, v, None, D ** -0.5, causal, 0.0, None)[0]
+                        ms = do_bench(lambda: ops.attention_fwd(q, k, v, None, D ** -0.5, causal, 0.0, None))
                         tf[kernel] = flops / (ms * 1e-3) / 1e12
                     except RuntimeError as e:
                         tf[kernel] = float("nan")

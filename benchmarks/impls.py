@@ -38,7 +38,10 @@ def fl_op(name: str):
 
 
 def backend_skip(backend: str) -> str | None:
-    """A "not available: ..." status when fl.available_backends() says the backend cannot run here."""
+    """A "not available: ..." status when fl.available_backends() says the backend cannot run here.
+    The torch backend always runs: not asking keeps a CPU run from importing triton (~1 s)."""
+    if backend == "torch":
+        return None
     try:
         import fastlayers as fl
         info = fl.available_backends()
@@ -64,8 +67,10 @@ def fl_jobs_spec(op: str, cfg: Config):
 
 def compiled(fn, **kwargs):
     """A builder: a fresh torch.compile of fn with static shapes, after clearing dynamo's caches
-    (each case compiles for its own shape; the recompile limit never silently falls back to eager)."""
+    (each case compiles for its own shape; the recompile limit never silently falls back to eager).
+    torch._dynamo is imported here, when a compile row runs, never at `fastlayers bench` start-up."""
     def build():
+        import torch._dynamo
         torch._dynamo.reset()
         return torch.compile(fn, dynamic=False, **kwargs)
     return build
@@ -79,5 +84,6 @@ def optional(module: str):
         return None, f"not available: {module} not importable ({type(e).__name__})"
 
 
-def randn(shape, cfg: Config, scale: float = 1.0):
-    return torch.randn(*shape, device=cfg.device, dtype=cfg.dtype) * scale
+def randn(shape, cfg: Config, scale: float = 1.0, offset: float = 0.0):
+    t = torch.randn(*shape, device=cfg.device, dtype=cfg.dtype) * scale
+    return t + offset if offset else t

@@ -1,7 +1,12 @@
 """Layer norm / RMSNorm jobs: fwd, bwd and fwd with fused residual, every fastlayers backend against
-torch eager (F.layer_norm / F.rms_norm, the speed-up reference), torch.compile of that eager function,
-and liger-kernel / apex when importable; plus eager host overhead per call on a tiny tensor.
-Rates are GB/s with bytes counted by formulas.norm_*_bytes, as a fraction of the measured copy bandwidth.
+torch eager (F.layer_norm / F.rms_norm, the baseline every row is checked against and the speed-up
+reference), torch.compile of that eager function, and liger-kernel / apex when importable; plus eager
+host overhead per call on a tiny tensor. Rates are GB/s with bytes counted by formulas.norm_*_bytes,
+as a fraction of the measured copy bandwidth.
+Inputs have a non-zero mean (as residual streams do), so LayerNorm and RMSNorm differ by O(1) and
+a row that runs the other norm fails its check.
+Every closure binds what it uses (rms, residual, backend) as a default argument: a closure over a
+loop variable reads its LAST value when the row runs -- which once made every LayerNorm row run RMSNorm.
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ EPS = 1e-5
 
 
 def shapes(cfg: Config):
+    """(rows, hidden)."""
     if not cfg.gpu:
-        return [(64, 256)]
+        # CPU: BERT-base activations (batch 8 x 128 tokens, or 2 x 128 in --quick), hidden 768
+        return [(256, 768)] if cfg.quick else [(1024, 768)]
     if cfg.quick:
         return [(16384, 1024), (16384, 4096)]
     return [(r, h) for r in (4096, 16384) for h in (768, 1024, 2048, 4096, 8192)]
@@ -31,9 +38,13 @@ def _eager(rms: bool, residual: bool):
     return ln
 
 
+def _note(rms: bool, residual: bool) -> str:
+    return ("s = x + r; " if residual else "") + ("F.rms_norm" if rms else "F.layer_norm")
+
+
 def _inputs(cfg: Config, rows: int, hidden: int, rms: bool, residual: bool):
     def make():
-        d = {"x": randn((rows, hidden), cfg),                 # (rows, hidden)
+        d = {"x": randn((rows, hidden), cfg, offset=1.0),     # (rows, hidden), mean 1
              "w": 1.0 + 0.1 * randn((hidden,), cfg)}           # (hidden,)
         if not rms:
             d["b"] = 0.1 * randn((hidden,), cfg)               # (hidden,)
@@ -41,6 +52,12 @@ def _inputs(cfg: Config, rows: int, hidden: int, rms: bool, residual: bool):
             d["r"] = randn((rows, hidden), cfg)               # (rows, hidden)
         return d
     return make
+
+
+def _fl_build(fn, backend: str, rms: bool):
+    def build():
+        return lambda d: fn(d["x"], d["w"], d.get("b"), EPS, residual=d.get("r"), rms=rms, backend=backend)
+    return build
 
 
 def jobs(cfg: Config) -> list[Job]:
@@ -66,13 +83,11 @@ def jobs(cfg: Config) -> list[Job]:
                               grad_keys=grad_keys, peak="bandwidth")
                 eager = _eager(rms, residual)
                 call_eager = lambda d, f=eager: f(d["x"], d["w"], d.get("b"), d.get("r"))  # noqa: E731
-                out.append(Job(impl="torch eager", build=lambda c=call_eager: c, is_reference=True, **common))
+                out.append(Job(impl="torch eager", build=lambda c=call_eager: c, is_reference=True,
+                               note=_note(rms, residual), **common))
                 for name, backend, fn, skip in fl_jobs_spec("layer_norm", cfg):
-                    def build(fn=fn, backend=backend):
-                        return lambda d: fn(d["x"], d["w"], d.get("b"), EPS, residual=d.get("r"), rms=rms,
-                                            backend=backend)
-                    out.append(Job(impl=name, build=build, skip=skip, fl_op="layer_norm", fl_backend=backend,
-                                   **common))
+                    out.append(Job(impl=name, build=_fl_build(fn, backend, rms), skip=skip, fl_op="layer_norm",
+                                   fl_backend=backend, **common))
                 if not cfg.gpu:
                     continue
                 out.append(Job(impl="torch.compile", build=_compiled_call(eager), **common))
@@ -121,7 +136,7 @@ def host_jobs(cfg: Config) -> list[Job]:
     """Eager host time per call on a (1, 64) tensor: what the Python/launch path costs, no grad and
     with grad (the autograd.Function path), next to F.layer_norm's."""
     rows, hidden = 1, 64
-    iters = 200 if not cfg.gpu else (1000 if cfg.quick else 3000)
+    iters = (200 if cfg.quick else 1000) if not cfg.gpu else (1000 if cfg.quick else 3000)
     out = []
     for variant in ("host_nograd", "host_grad"):
         common = dict(group="norm", case={"norm": "layer", "rows": rows, "hidden": hidden}, variant=variant,
@@ -129,9 +144,8 @@ def host_jobs(cfg: Config) -> list[Job]:
                       make_inputs=_inputs(cfg, rows, hidden, False, False), grad_keys=("x", "w", "b"),
                       timing="host", host_iters=iters)
         out.append(Job(impl="torch eager", build=lambda: (lambda d: F.layer_norm(
-            d["x"], (hidden,), d["w"], d["b"], EPS)), is_reference=True, **common))
+            d["x"], (hidden,), d["w"], d["b"], EPS)), is_reference=True, note="F.layer_norm", **common))
         for name, backend, fn, skip in fl_jobs_spec("layer_norm", cfg):
-            def build(fn=fn, backend=backend):
-                return lambda d: fn(d["x"], d["w"], d["b"], EPS, backend=backend)
-            out.append(Job(impl=name, build=build, skip=skip, fl_op="layer_norm", fl_backend=backend, **common))
+            out.append(Job(impl=name, build=_fl_build(fn, backend, False), skip=skip, fl_op="layer_norm",
+                           fl_backend=backend, **common))
     return out

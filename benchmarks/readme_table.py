@@ -2,9 +2,10 @@
 
     python -m fastlayers.bench.readme_table [--results DIR] [--include-cpu] [FILE.json ...]
 
-With no files it reads <group>-latest.json for norm, attention and linear under DIR (default
-benchmarks/results). Only measured numbers appear, each table headed by the card and versions that
-produced it; a row that did not run shows its status word (unsupported, not available, ...).
+With no files it reads <group>-latest.json for norm, attention and linear under DIR (default: the
+folder `fastlayers bench` writes to without --out, report.default_out_dir()). Only measured numbers
+appear, each table headed by the card and versions that produced it; a row that did not run or did
+not pass its check shows its status word (FAILED, unverified, unsupported, not available, ...).
 CPU results (the no-GPU configuration) are left out unless --include-cpu: they are not GPU figures.
 Cell: rate (fraction of the measured peak, speed-up over torch eager).
 """
@@ -28,7 +29,7 @@ GROUPS = ("norm", "attention", "linear")
 def _cell(r: dict) -> str:
     status = r["status"]
     if status != "ok" or r.get("rate") is None:
-        return status.split(":")[0]
+        return status.split(":")[0]          # FAILED, unverified, error, unsupported, ...: never a speed
     if r["unit"] == "us/call":
         s = f"{r['rate']:.1f} us"
     else:
@@ -73,10 +74,12 @@ def table(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="*", help="result JSON files (default: <group>-latest.json under --results)")
-    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--results", default=None,
+                   help="folder of <group>-latest.json files (default: fastlayers bench's default folder)")
     p.add_argument("--include-cpu", action="store_true", help="also tabulate CPU (no-GPU) runs")
     args = p.parse_args(argv)
-    files = [Path(f) for f in args.files] or [Path(args.results) / f"{g}-latest.json" for g in GROUPS]
+    results = Path(args.results) if args.results else report.default_out_dir()
+    files = [Path(f) for f in args.files] or [results / f"{g}-latest.json" for g in GROUPS]
     out = []
     for f in files:
         if not f.exists():

@@ -1,9 +1,14 @@
 """Output of `fastlayers bench`: the aligned plain-text table (stdout), one JSON file per op group
 (<group>-<card>-<date>.json plus <group>-latest.json, each with the environment header and the
-measured peaks), and a PNG per op group when matplotlib is importable.
-JSON layout: {"schema": 1, "group", "env": {...}, "peaks": {...} | null, "rows": [row, ...]} where a row
-is the dict harness.Runner.run returns (case, variant, impl, unit, work, time_ms, rate,
-fraction_of_peak, speedup_vs_eager, backend_ran, max_abs_diff_vs_eager, status).
+measured peaks), a PNG per op group when matplotlib is importable, and on CPU the summary of the
+torch backend against the native torch call (goal: within GOAL_TIME_RATIO of its time).
+JSON layout: {"schema": 2, "group", "env": {...}, "peaks": {...} | null, "tolerances": {dtype: tol},
+"backends_ran": {impl: [backend, ...]}, "rows": [row, ...]} where a row is the dict
+harness.Runner.run returns (case, variant, impl, unit, work, time_ms, rate, fraction_of_peak,
+speedup_vs_eager, time_ratio_vs_eager, baseline_time_ms (CPU: the baseline's time measured call by
+call alternately with this row's, which the ratio uses), backend_ran, baseline, error, tolerance, status, and on CPU
+for the torch backend's rows "goal": {"max_time_ratio", "met"}). A row whose status is not "ok"
+(FAILED, unverified, error, ...) has no time, rate, fraction of peak or speed-up.
 """
 from __future__ import annotations
 
@@ -11,7 +16,20 @@ import json
 import os
 from pathlib import Path
 
-SCHEMA = 1
+SCHEMA = 2
+GOAL_TIME_RATIO = 1.2     # CPU goal (issue 8): the torch backend within 1.2x of the native call's time
+
+
+def default_out_dir() -> Path:
+    """Where `fastlayers bench` writes without --out: $FASTLAYERS_BENCH_DIR, else
+    $XDG_CACHE_HOME/fastlayers/bench, else ~/.cache/fastlayers/bench -- a per-user folder outside
+    any checkout (a plain run never writes into the source tree)."""
+    explicit = os.environ.get("FASTLAYERS_BENCH_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.path.expanduser(os.environ.get("XDG_CACHE_HOME", ""))
+    base = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"   # XDG: relative = unset
+    return base / "fastlayers" / "bench"
 
 
 def case_label(group: str, case: dict) -> str:
@@ -20,9 +38,11 @@ def case_label(group: str, case: dict) -> str:
         if group == "norm":
             return f"{c['norm']} {c['rows']}x{c['hidden']}"
         if group == "attention" and "cache" in c:
-            return f"B{c['batch']} cache{c['cache']} H{c['heads']} D{c['head_dim']}"
+            return f"B{c['batch']} cache{c['cache']}/{c.get('max_len', c['cache'])} H{c['heads']} D{c['head_dim']}"
         if group == "attention":
-            return f"B{c['batch']} L{c['seqlen']} H{c['heads']} D{c['head_dim']}" + (" causal" if c["causal"] else "")
+            mask = c.get("mask", "causal" if c.get("causal") else "none")
+            shape = f"B{c['batch']} L{c['seqlen']} H{c['heads']} D{c['head_dim']}"
+            return shape + ("" if mask == "none" else f" {mask}")
         if group == "linear":
             return f"{c['M']}x{c['K']}->{c['N']}" + (" +res" if c.get("residual") else "")
     except KeyError:
@@ -30,12 +50,33 @@ def case_label(group: str, case: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in c.items())
 
 
+def op_label(group: str, case: dict, variant: str) -> str:
+    """The op a row measures, in the user's words (the CPU summary's first column)."""
+    if group == "norm":
+        name = "rms_norm" if case.get("norm") == "rms" else "layer_norm"
+        return name + (" + residual" if variant == "fwd_residual" else "")
+    if group == "attention":
+        if "cache" in case:
+            return "attention_with_kvcache"
+        mask = case.get("mask", "none")
+        return "attention" + {"none": "", "causal": " causal", "padding": " padding mask"}.get(mask, f" {mask}")
+    if group == "linear":
+        return f"linear + {case.get('activation', '?')}" + (" + residual" if case.get("residual") else "")
+    return group
+
+
 def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _error_cell(r: dict) -> str:
+    if r.get("reference") and r.get("baseline") == "(this row)":
+        return "base"
+    return _fmt(r.get("error"), ".1e")
+
+
 def format_table(group: str, rows: list[dict]) -> str:
-    head = ["variant", "case", "impl", "ran", "time ms", "rate", "unit", "of peak", "vs eager", "status"]
+    head = ["variant", "case", "impl", "ran", "time ms", "rate", "unit", "of peak", "vs eager", "error", "status"]
     body = []
     for r in rows:
         ok = r["status"] == "ok"
@@ -44,20 +85,24 @@ def format_table(group: str, rows: list[dict]) -> str:
             _fmt(r["time_ms"], ".4g") if ok else "-",
             _fmt(r["rate"], ".4g") if ok else "-",
             r["unit"],
-            (f"{100 * r['fraction_of_peak']:.0f}%" if r.get("fraction_of_peak") is not None else "-"),
-            (f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") is not None else "-"),
-            r["status"] if len(r["status"]) <= 90 else r["status"][:87] + "...",
+            (f"{100 * r['fraction_of_peak']:.0f}%" if ok and r.get("fraction_of_peak") is not None else "-"),
+            (f"{r['speedup_vs_eager']:.2f}x" if ok and r.get("speedup_vs_eager") is not None else "-"),
+            _error_cell(r),
+            r["status"] if len(r["status"]) <= 100 else r["status"][:97] + "...",
         ])
+    return _align(head, body, right={4, 5, 7, 8, 9}, breaks=[(r["variant"], b[1]) for r, b in zip(rows, body)])
+
+
+def _align(head, body, right, breaks=None) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
-    right = {4, 5, 7, 8}
 
     def line(cells):
         return "  ".join((str(c).rjust(w) if i in right else str(c).ljust(w))
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     out = [line(head), line(["-" * w for w in widths])]
     prev = None
-    for cells, r in zip(body, rows):
-        key = (r["variant"], cells[1])
+    for i, cells in enumerate(body):
+        key = breaks[i] if breaks else None
         if prev is not None and key != prev:
             out.append("")
         prev = key
@@ -65,13 +110,66 @@ def format_table(group: str, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def backends_ran(rows: list[dict]) -> dict[str, list[str]]:
+    """{impl: [backends fl.last_backend reported]} over the fastlayers rows that ran."""
+    out: dict = {}
+    for r in rows:
+        if r.get("backend_ran"):
+            out.setdefault(r["impl"], [])
+            if r["backend_ran"] not in out[r["impl"]]:
+                out[r["impl"]].append(r["backend_ran"])
+    return out
+
+
+def mark_goal(rows: list[dict], max_ratio: float = GOAL_TIME_RATIO) -> None:
+    """CPU: the torch backend's rows at model-sized shapes get "goal": {max_time_ratio, met}."""
+    for r in rows:
+        if r["impl"] == "fastlayers[torch]" and r["unit"] != "us/call" and r["status"] == "ok" \
+                and r.get("time_ratio_vs_eager") is not None:
+            r["goal"] = {"max_time_ratio": max_ratio, "met": r["time_ratio_vs_eager"] <= max_ratio}
+
+
+def format_goal_table(rows_by_group: dict[str, list[dict]], max_ratio: float = GOAL_TIME_RATIO) -> str:
+    """One line per fastlayers[torch] row: its time against the native torch call's (the baseline
+    row of the same case and inputs), the ratio, the check's error, and the goal."""
+    head = ["op", "variant", "case", "native call", "native ms", "torch backend ms", "ratio", "error", "goal"]
+    body = []
+    for group, rows in rows_by_group.items():
+        base = {(r["variant"], case_label(group, r["case"])): r for r in rows if r.get("reference")}
+        for r in rows:
+            if r["impl"] != "fastlayers[torch]":
+                continue
+            label = case_label(group, r["case"])
+            b = base.get((r["variant"], label), {})
+            ok = r["status"] == "ok"
+            ratio = r.get("time_ratio_vs_eager") if ok else None
+            if not ok:
+                goal = r["status"].split(":")[0]
+            elif r["unit"] == "us/call":
+                goal = "(host overhead)"
+            elif ratio is None:
+                goal = "-"
+            else:
+                goal = "met" if ratio <= max_ratio else "MISSED"
+            body.append([op_label(group, r["case"], r["variant"]), r["variant"], label,
+                         b.get("note", b.get("impl", "")),
+                         _fmt(r.get("baseline_time_ms") or b.get("time_ms"), ".4g"),
+                         _fmt(r["time_ms"], ".4g") if ok else "-",
+                         f"{ratio:.2f}x" if ratio is not None else "-", _error_cell(r), goal])
+    title = (f"torch backend vs the native torch call (goal: within {max_ratio:g}x of its time; "
+             f"ratio = torch backend time / native time; error = max|out - native| / max|native|)")
+    return title + "\n" + _align(head, body, right={4, 5, 6, 7})
+
+
 def _stamp(env: dict) -> str:
     return env["date"].replace("-", "").replace(":", "")
 
 
-def write_json(out_dir: Path, group: str, env: dict, peaks: dict | None, rows: list[dict], slug: str) -> list[Path]:
+def write_json(out_dir: Path, group: str, env: dict, peaks: dict | None, rows: list[dict], slug: str,
+               tolerances: dict | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": SCHEMA, "group": group, "env": env, "peaks": peaks, "rows": rows}
+    doc = {"schema": SCHEMA, "group": group, "env": env, "peaks": peaks, "tolerances": tolerances or {},
+           "backends_ran": backends_ran(rows), "rows": rows}
     text = json.dumps(doc, indent=1, default=str)
     paths = [out_dir / f"{group}-{slug}-{_stamp(env)}.json", out_dir / f"{group}-latest.json"]
     for p in paths:

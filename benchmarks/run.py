@@ -1,9 +1,17 @@
 """`fastlayers bench`: measures the card's peaks, then every selected op group, then prints a table
 per group and writes its JSON (and PNG). torch.compile rows run last, after every group's other rows,
 and each group's JSON is already written before them, so a run cut short (--max-seconds, a kill)
-keeps what it measured. Without a CUDA GPU it times a tiny CPU configuration of the torch backend.
-Exit status: 0, or 1 when a fastlayers row ended in "error: ..." (a kernel or dispatch failure;
-"unsupported"/"not available" rows and failing third-party baselines do not count).
+keeps what it measured.
+Every row is checked against its baseline's result on the same inputs before it is timed (see
+harness.py); the table shows each row's error, and a row over its dtype's tolerance is FAILED, with
+no speed. The header says which fastlayers backends were asked for, and each group says which ran
+(fl.last_backend after each row's call).
+Without a CUDA GPU it runs model-sized CPU shapes (one thread by default) and ends with the torch
+backend's time against the native torch call doing the same work, per op (goal: within 1.2x).
+Results go to --out DIR, else to default_out_dir() -- never into the source checkout.
+Exit status: 0, or 1 when a fastlayers row ended in "error: ..." (a kernel or dispatch failure) or
+"FAILED: ..." (its result disagrees with the baseline's); "unsupported"/"not available" rows and
+failing third-party baselines do not count.
 """
 from __future__ import annotations
 
@@ -14,37 +22,36 @@ from pathlib import Path
 import torch
 
 from . import attention, linear, norm, report
-from .harness import Progress, Runner, card_slug, environment, measure_peaks, run_jobs, short_message
+from .report import default_out_dir
+from .harness import TOLERANCE, Progress, Runner, card_slug, environment, measure_peaks, run_jobs, short_message, \
+    tolerance
 from .impls import DTYPES, Config
 
 GROUPS = {"norm": norm, "attention": attention, "linear": linear}
-NO_GPU = "no CUDA GPU found: running a small CPU configuration of the torch backend (numbers are not GPU figures)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default="norm,attention,linear",
                    help="comma-separated op groups among norm, attention, linear (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="a reduced shape set (a few minutes on one H100; no max-autotune compiles)")
-    p.add_argument("--out", default=str(default_out_dir()),
-                   help="folder for the JSON (and PNG) results (default: benchmarks/results of the "
-                        "source checkout, else ./fastlayers-results)")
+                   help="a reduced shape set (a few minutes on one H100, seconds on a CPU; no max-autotune compiles)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the JSON (and PNG) results (default: $FASTLAYERS_BENCH_DIR, else "
+                        "$XDG_CACHE_HOME/fastlayers/bench, else ~/.cache/fastlayers/bench)")
     p.add_argument("--backends", default=None,
                    help="comma-separated fastlayers backends to measure (default: triton,cuda on a GPU, "
                         "torch without one)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype (default bf16)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="input dtype (default: bf16 on a GPU, fp32 on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="auto: the GPU when there is one; cpu: the small CPU configuration even on a GPU machine")
+                   help="auto: the GPU when there is one; cpu: the CPU configuration even on a GPU machine")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU runs: torch threads (default 1: steady ratios on a shared machine; 0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the input tensors (default 0; recorded in the JSON)")
     p.add_argument("--no-plot", action="store_true", help="do not write PNG plots")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time budget: rows not started by then are recorded as skipped (results still written)")
-
-
-def default_out_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    if (here.parent / "setup.py").exists():       # running from the source checkout (editable install)
-        return here / "results"
-    return Path.cwd() / "fastlayers-results"      # an installed wheel: never write into site-packages
 
 
 def _parse_list(text: str, allowed, what: str) -> list[str]:
@@ -61,31 +68,52 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not gpu:
         raise SystemExit("fastlayers bench: --device cuda but torch sees no CUDA GPU")
+    if args.threads < 0:
+        raise SystemExit(f"fastlayers bench: --threads must be >= 0, got {args.threads}")
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     if args.backends:
         backends = _parse_list(args.backends, ["torch", "triton", "cuda"], "--backends")
     else:
         backends = ["triton", "cuda"] if gpu else ["torch"]
-    cfg = Config(device=device, dtype=DTYPES[args.dtype], quick=args.quick, backends=backends,
+    dtype = args.dtype or ("bf16" if gpu else "fp32")
+    cfg = Config(device=device, dtype=DTYPES[dtype], quick=args.quick, backends=backends,
                  max_autotune=not args.quick)
-    if not gpu:
-        print(NO_GPU if not torch.cuda.is_available() else NO_GPU.replace("no CUDA GPU found", "--device cpu"),
-              flush=True)
     threads = torch.get_num_threads()
-    if not gpu:
-        # one thread: tiny CPU ops on a shared machine time the thread pool's wake-ups otherwise
-        torch.set_num_threads(1)
+    if not gpu and args.threads:
+        torch.set_num_threads(args.threads)
     try:
         return _run(args, argv, groups, gpu, device, cfg)
     finally:
         torch.set_num_threads(threads)
 
 
+def _header(gpu: bool, cfg: Config, out_dir: Path) -> list[str]:
+    dtype = str(cfg.dtype).replace("torch.", "")
+    if gpu:
+        where = f"device: {cfg.device} ({dtype})"
+    else:
+        why = "no CUDA GPU found" if not torch.cuda.is_available() else "--device cpu"
+        where = (f"device: cpu ({why}; model-sized CPU shapes, {torch.get_num_threads()} thread(s), {dtype}; "
+                 f"numbers are not GPU figures)")
+    return [where,
+            f"fastlayers backends asked for: {', '.join(cfg.backends)} (each row proves the one that ran "
+            f"with fl.last_backend: column 'ran')",
+            f"every row is checked against its baseline on the same inputs: error = max|out - base| / max|base|, "
+            f"tolerance {tolerance(cfg.dtype, cfg.device.type):g} for {dtype}; over it the row is FAILED, "
+            f"with no speed",
+            f"results folder: {out_dir}"]
+
+
 def _run(args, argv, groups, gpu, device, cfg) -> int:
-    backends = cfg.backends
+    out_dir = Path(args.out).expanduser() if args.out else default_out_dir()
     env = environment(device, cfg.dtype, args.quick, argv)
-    env["backends"] = backends
+    env["backends_requested"] = list(cfg.backends)
+    env["out_dir"] = str(out_dir)
+    env["seed"] = args.seed
+    tolerances = {str(k).replace("torch.", ""): tolerance(k, device.type) for k in TOLERANCE}
     slug = card_slug(env)
+    for line in _header(gpu, cfg, out_dir):
+        print(line, flush=True)
     print(f"card: {env['card']} | driver {env['driver']} | CUDA {env['cuda']} | torch {env['torch']} | "
           f"triton {env['triton']} | python {env['python']} | fastlayers {env['fastlayers']} | "
           f"commit {env['git_commit'][:12]} | {env['date']}", flush=True)
@@ -108,27 +136,37 @@ def _run(args, argv, groups, gpu, device, cfg) -> int:
         for job in GROUPS[g].jobs(cfg):
             phases[g][1 if job.impl.startswith("torch.compile") else 0].append(job)
     progress = Progress(sum(len(a) + len(b) for a, b in phases.values()))
-    runner = Runner(device, args.quick, peaks, max_seconds=args.max_seconds)
-    out_dir = Path(args.out)
+    runner = Runner(device, args.quick, peaks, max_seconds=args.max_seconds,
+                    cpu_min_seconds=0.05 if args.quick else 0.3, cpu_min_reps=3 if args.quick else 7,
+                    seed=args.seed)
     rows_by_group = {}
     for g in groups:
         rows_by_group[g] = run_jobs(runner, phases[g][0], progress)
         if phases[g][1]:
             pending = _placeholder_rows(phases[g][1], "skipped: pending (torch.compile rows run last)")
-            report.write_json(out_dir, g, env, peaks, _table_order(rows_by_group[g] + pending), slug)
+            report.write_json(out_dir, g, env, peaks, _table_order(rows_by_group[g] + pending), slug, tolerances)
     for g in groups:
         rows_by_group[g] += run_jobs(runner, phases[g][1], progress)
     failed = []
     for g in groups:
-        rows = _table_order(rows_by_group[g])
+        rows = rows_by_group[g] = _table_order(rows_by_group[g])
+        if not gpu:
+            report.mark_goal(rows)
         print(f"\n== {g} ({env['card']}, {env['dtype']}) ==", flush=True)
         print(report.format_table(g, rows), flush=True)
-        paths = report.write_json(out_dir, g, env, peaks, rows, slug)
+        ran = report.backends_ran(rows)
+        print("fastlayers backends that ran (fl.last_backend): "
+              + ("; ".join(f"{impl} -> {', '.join(b)}" for impl, b in ran.items()) or "none"), flush=True)
+        paths = report.write_json(out_dir, g, env, peaks, rows, slug, tolerances)
         print(f"wrote {', '.join(str(p) for p in paths)}", flush=True)
         if not args.no_plot:
             plot = report.write_plot(out_dir, g, env, rows, slug)
             print(f"wrote {plot}" if isinstance(plot, Path) else plot, flush=True)
-        failed += [r for r in rows if r["impl"].startswith("fastlayers") and r["status"].startswith("error")]
+        failed += [r for r in rows if r["impl"].startswith("fastlayers")
+                   and (r["status"].startswith("error") or r["status"].startswith("FAILED"))]
+    if not gpu and "torch" in cfg.backends:
+        print("\n" + report.format_goal_table(rows_by_group), flush=True)
+    print(f"\nresults folder: {out_dir}", flush=True)
     if failed:
         print(f"\n{len(failed)} fastlayers row(s) failed:", file=sys.stderr)
         for r in failed:
@@ -141,8 +179,9 @@ def _run(args, argv, groups, gpu, device, cfg) -> int:
 def _placeholder_rows(jobs, status: str) -> list[dict]:
     return [{"group": j.group, "case": dict(j.case), "variant": j.variant, "impl": j.impl, "unit": j.unit,
              "work": j.work, "time_ms": None, "rate": None, "fraction_of_peak": None, "peak": j.peak,
-             "speedup_vs_eager": None, "backend_ran": None, "max_abs_diff_vs_eager": None,
-             "reference": False, "status": status} for j in jobs]
+             "speedup_vs_eager": None, "time_ratio_vs_eager": None, "baseline_time_ms": None,
+             "backend_ran": None, "baseline": None,
+             "error": None, "tolerance": None, "reference": False, "status": status} for j in jobs]
 
 
 def _table_order(rows: list[dict]) -> list[dict]:

@@ -132,16 +132,17 @@ def cases_attention(dt):
     for D in (64, 128, 256):
         q = _t(B, L, H, D, dtype=dt)
         lse = _t(B, H, L, dtype=torch.float32)
+        rng = _t(2, dtype=torch.int64)  # [seed, offset], read by the kernels
         for causal in (False, True):
             for p in (0.0, 0.1):
                 tag = f"D={D} {'causal' if causal else 'full'}{' drop' if p else ''}"
-                yield (f"{tag} fwd", attn_mod.attention_fwd, (q, q, q, None, D ** -0.5, causal, p, 1, 0))
+                yield (f"{tag} fwd", attn_mod.attention_fwd, (q, q, q, None, D ** -0.5, causal, p, rng))
                 yield (f"{tag} bwd", attn_mod.attention_bwd,
-                       (q, q, q, q, q, lse, None, D ** -0.5, causal, p, 1, 0, False))
+                       (q, q, q, q, q, lse, None, D ** -0.5, causal, p, rng, False))
         kpm = _t(B, L, dtype=torch.bool)
-        yield (f"D={D} full kpm fwd", attn_mod.attention_fwd, (q, q, q, kpm, D ** -0.5, False, 0.0, 1, 0))
+        yield (f"D={D} full kpm fwd", attn_mod.attention_fwd, (q, q, q, kpm, D ** -0.5, False, 0.0, None))
         yield (f"D={D} full kpm bwd", attn_mod.attention_bwd,
-               (q, q, q, q, q, lse, kpm, D ** -0.5, False, 0.0, 1, 0, False))
+               (q, q, q, q, q, lse, kpm, D ** -0.5, False, 0.0, None, False))
         # decode: one new token over an 8k cache, B=4 (split-KV + combine)
         qd, cache = _t(4, 1, H, D, dtype=dt), _t(4, 8192, H, D, dtype=dt)
         lens = _t(4, dtype=torch.int32)

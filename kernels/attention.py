@@ -1,18 +1,35 @@
 """Triton attention kernels (FlashAttention-2 style) and their launchers.
 
-Called by pytorch_ext/ops/attention.py through exactly these functions (BRIEF.md "### attention"):
-attention_fwd, attention_bwd, attention_with_kvcache, unsupported_reason, kvcache_unsupported_reason.
+Called by pytorch_ext/ops/attention.py through exactly these functions (the launcher contract):
+    attention_fwd(q, k, v, key_padding_mask, softmax_scale, causal, dropout_p, rng_state) -> (o, lse)
+    attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, dropout_p, rng_state,
+                  deterministic) -> (dq, dk, dv)
+    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal) -> o
+    unsupported_reason, kvcache_unsupported_reason.
 Re-exports `dropout_keep_mask` / `dropout_uniform` from kernels/philox.py, the pure-torch spec of
 the dropout mask that these kernels reproduce.
 
 Layouts: q (B, Lq, H, D), k/v (B, Lk, H, D), last dim contiguous, other strides arbitrary (passed
 through, never copied). o (B, Lq, H, D) contiguous, lse (B, H, Lq) fp32 natural log of the SCALED
 scores' exp-sum, +inf for a row with no attended key (its o row is 0, its gradients are 0).
+key_padding_mask (B, Lk) bool and cache_seqlens (B,) int32 are indexed as CONTIGUOUS (the op layer
+copies other layouts; the launchers check it).
 Causal is bottom-right aligned: query i attends key j iff j <= i + (Lk - Lq).
-Dropout: keep(b, h, i, j) = u >= p with u = (philox4x32-10(key=(seed lo, seed hi),
-counter=(c lo, c hi, 0, 0)).word0 >> 8) * 2**-24, c = offset + ((b*H + h)*Lq + i)*Lk + j. This is
-tl.randint(seed, c) for int64 c on Triton 3.9 (a test checks it); the kernels spell philox out so
-the mask cannot change with how a Triton version splits 64-bit counters. p is compared in float32.
+Masked keys: a key hidden by key_padding_mask never affects the output nor any gradient, even when
+its k / v rows hold NaN or inf (its scores are replaced, its k / v rows zeroed in registers); its
+dk / dv are 0. Causally hidden keys are real tokens: no such guarantee.
+Dropout: rng_state = int64 [seed, offset] on q's device, READ BY THE KERNELS (tl.load), so a CUDA
+graph replayed after the state was redrawn in place draws a fresh mask and the host never syncs.
+keep(b, h, i, j) = u >= p with u = (philox4x32-10(key=(seed lo, seed hi), counter=(c lo, c hi, 0,
+0)).word0 >> 8) * 2**-24, c = offset + ((b*H + h)*Lq + i)*Lk + j. This is tl.randint(seed, c) for
+int64 c on Triton 3.9 (a test checks it); the kernels spell philox out so the mask cannot change
+with how a Triton version splits 64-bit counters. p is compared in float32.
+KV cache: a batch row b whose cache_seqlens[b] < 0 or cache_seqlens[b] + Lq_new > Lmax is bad: its
+cache rows are not written and its output rows are NaN (loud, memory-safe, no host sync). Slots at
+and past a row's length are never read.
+Grids: every launch puts its tile index on axis 0 (limit 2^31 - 1) and spreads the B*H heads over
+axes 1 and 2 (limit 65535 each), see _grid; the grid functions below are what the launchers use
+and what the CPU tests check against the limits at extreme shapes.
 Numerics: fp32 accumulators, scores in the log2 domain (scale * log2(e) folded into one multiply).
 Head dims: multiples of 8 up to 256, padded to BLOCK_D (next power of two, >= 16) by masked loads.
 GPU: fp16/bf16. Interpreter (TRITON_INTERPRET=1, CPU tensors): fp32/fp16 (bf16 is upcast there,
@@ -26,12 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import dropout_keep_mask, dropout_uniform  # noqa: F401  (the spec; re-exported for tests)
+from .philox import check_rng_state, dropout_keep_mask, dropout_uniform  # noqa: F401  (the spec; re-exported for tests)
 
 # Read once at import: decides whether kernels are interpreted (CPU) and whether dots are upcast.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
-_M32 = 0xFFFFFFFF
 _SUPPORTED_HEAD_DIMS = tuple(range(8, 257, 8))
 
 # ----------------------------------------------------------------------------------------------
@@ -39,14 +55,19 @@ _SUPPORTED_HEAD_DIMS = tuple(range(8, 257, 8))
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dropout_keep(seed_lo, seed_hi, c, dropout_p):
-    """keep mask for int64 counters c (any shape): the philox of kernels/philox.py."""
+def _head_index():
+    """(b*H + h) of this program from grid axes 1 and 2 (see _grid), as int64; >= B*H past the end."""
+    return tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+
+@triton.jit
+def _dropout_keep(seed, c, dropout_p):
+    """keep mask for int64 counters c (any shape) under the int64 seed: the philox of kernels/philox.py."""
     c0 = c.to(tl.uint32)  # truncation: low word
     c1 = (c >> 32).to(tl.uint32)
     c2 = c0 * 0
     c3 = c2
-    k0 = seed_lo.to(tl.uint32)
-    k1 = seed_hi.to(tl.uint32)
+    k0 = seed.to(tl.uint32)  # seed in [0, 2^62): low and high words
+    k1 = (seed >> 32).to(tl.uint32)
     for _ in tl.static_range(10):
         a0 = c0
         a2 = c2
@@ -78,16 +99,34 @@ def _load_tile(ptrs, rows, n_rows, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.co
     return x
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kpm_base, stride_kpm,
+def _load_rows(ptrs, row_ok, d_ok, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    # (R, BLOCK_D) tile of the rows where row_ok holds, others (and padded columns) read as 0: a
+    # key masked by key_padding_mask is never read (its row may hold NaN / inf; 0 * NaN in P.V or
+    # dS would poison the other rows), and a masked load keeps no second copy of the tile live.
+    if EVEN_D:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kpm_base,
               start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
-              dropout_p, drop_base, seed_lo, seed_hi,
+              dropout_p, drop_base, seed,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     offs_k = start_n + offs_n  # (BLOCK_N,) key indices
-    k = _load_tile(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
-                   offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D)
-    v = _load_tile(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
-                   offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
+    k_ptrs = k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+    v_ptrs = v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :]
+    if HAS_KPM:
+        km = tl.load(kpm_base + offs_k, mask=offs_k < Lk, other=0) != 0  # (BLOCK_N,), False past Lk
+        k = _load_rows(k_ptrs, km, d_ok, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D); masked keys read as 0
+        v = _load_rows(v_ptrs, km, d_ok, EVEN_D, UPCAST)
+    else:
+        k = _load_tile(k_ptrs, offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_ptrs, offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
     s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) log2-domain scores
     # Per-element masks only on boundary tiles (the Lk edge and the causal diagonal).
     if MASKED:
@@ -96,8 +135,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kpm_base, 
             ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
         s = tl.where(ok, s, float("-inf"))
     if HAS_KPM:
-        km = tl.load(kpm_base + offs_k.to(tl.int64) * stride_kpm, mask=offs_k < Lk, other=0)
-        s = tl.where(km[None, :] != 0, s, float("-inf"))
+        s = tl.where(km[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with every key masked so far keeps m = -inf; subtract 0 instead (no inf - inf).
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -107,20 +145,20 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kpm_base, 
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         c = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_k[None, :]
-        p = tl.where(_dropout_keep(seed_lo, seed_hi, c, dropout_p), p, 0.0)
+        p = tl.where(_dropout_keep(seed, c, dropout_p), p, 0.0)
     acc += tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
+@triton.jit(do_not_specialize=["Lq", "Lk"])
 def _attn_fwd_kernel(
     Q, K, V,  # (B, Lq|Lk, H, D) inputs, last dim contiguous
     O,  # (B, Lq, H, D) contiguous output
     LSE,  # (B, H, Lq) fp32 output, natural log
-    KPM,  # (B, Lk) uint8 view of the bool key_padding_mask (unused without HAS_KPM)
+    KPM,  # (B, Lk) contiguous uint8 view of the bool key_padding_mask (unused without HAS_KPM)
+    RNG,  # (2,) int64 [seed, offset] on the device (unused without HAS_DROPOUT)
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
-    stride_kpmb, stride_kpml,
-    H, Lq, Lk, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
+    BH, H, Lq, Lk, qk_scale, dropout_p, drop_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -128,9 +166,11 @@ def _attn_fwd_kernel(
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the last query tiles see the most keys: schedule them first
         pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh = _head_index()
+    if bh >= BH:  # the axis-1 x axis-2 rectangle overhangs B*H by fewer than num_programs(2)
+        return
+    b = bh // H
+    h = bh % H
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -140,8 +180,13 @@ def _attn_fwd_kernel(
                    + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)  # (BLOCK_M, BLOCK_D)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    kpm_base = KPM + b * stride_kpmb
-    drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
+    kpm_base = KPM + b * Lk
+    if HAS_DROPOUT:  # read at run time: a graph replay after an in-place redraw sees the new state
+        seed = tl.load(RNG)
+        drop_base = tl.load(RNG + 1) + bh * Lq * Lk
+    else:
+        seed = 0
+        drop_base = 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -159,13 +204,13 @@ def _attn_fwd_kernel(
         full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl,
-                                  kpm_base, stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok,
-                                  Lk, diag, qk_scale, dropout_p, drop_base, seed_lo, seed_hi,
+                                  kpm_base, start_n, offs_m, offs_n, offs_d, d_ok,
+                                  Lk, diag, qk_scale, dropout_p, drop_base, seed,
                                   False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl,
-                                  kpm_base, stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok,
-                                  Lk, diag, qk_scale, dropout_p, drop_base, seed_lo, seed_hi,
+                                  kpm_base, start_n, offs_m, offs_n, offs_d, d_ok,
+                                  Lk, diag, qk_scale, dropout_p, drop_base, seed,
                                   True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -176,19 +221,21 @@ def _attn_fwd_kernel(
     row_ok = offs_m < Lq
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
 
 @triton.jit(do_not_specialize=["Lq"])
 def _attn_bwd_preprocess_kernel(
     O, DO,  # (B, Lq, H, D)
     DELTA,  # (B, H, Lq) fp32 output: rowsum(dO * O)
     stride_ob, stride_ol, stride_oh, stride_dob, stride_dol, stride_doh,
-    H, Lq, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BH, H, Lq, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh = _head_index()
+    if bh >= BH:
+        return
+    b = bh // H
+    h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_D)
@@ -196,12 +243,12 @@ def _attn_bwd_preprocess_kernel(
     o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_ol + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dol + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
                key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag, qk_scale,
-               dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+               dropout_p, drop_scale, drop_base, seed,
                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -219,7 +266,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, d
         p_t = tl.where(key_ok[:, None], p_t, 0.0)
     if HAS_DROPOUT:
         c = drop_base + offs_m[None, :].to(tl.int64) * Lk + offs_n[:, None]
-        keep = _dropout_keep(seed_lo, seed_hi, c, dropout_p)
+        keep = _dropout_keep(seed, c, dropout_p)
         pd_t = tl.where(keep, p_t * drop_scale, 0.0)
     else:
         pd_t = p_t
@@ -231,44 +278,53 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, d
     dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
+@triton.jit(do_not_specialize=["Lq", "Lk"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # inputs (B, L, H, D), last dim contiguous
     LSE, DELTA,  # (B, H, Lq) fp32
-    KPM,  # (B, Lk) uint8 view of the bool mask
+    KPM,  # (B, Lk) contiguous uint8 view of the bool mask
+    RNG,  # (2,) int64 [seed, offset]
     DK, DV,  # (B, Lk, H, D) contiguous outputs
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh, stride_dob, stride_dol, stride_doh,
-    stride_dkb, stride_dkl, stride_dkh, stride_kpmb, stride_kpml,
-    H, Lq, Lk, sm_scale, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
+    stride_dkb, stride_dkl, stride_dkh,
+    BH, H, Lq, Lk, sm_scale, qk_scale, dropout_p, drop_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh = _head_index()
+    if bh >= BH:
+        return
+    b = bh // H
+    h = bh % H
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     cols = offs_n[:, None].to(tl.int64)
-    k = _load_tile(K + b * stride_kb + h * stride_kh + cols * stride_kl + offs_d[None, :],
-                   offs_n, Lk, d_ok, True, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D)
-    v = _load_tile(V + b * stride_vb + h * stride_vh + cols * stride_vl + offs_d[None, :],
-                   offs_n, Lk, d_ok, True, EVEN_D, UPCAST)
     if HAS_KPM:
-        key_ok = tl.load(KPM + b * stride_kpmb + offs_n.to(tl.int64) * stride_kpml,
-                         mask=offs_n < Lk, other=0) != 0
+        key_ok = tl.load(KPM + b * Lk + offs_n, mask=offs_n < Lk, other=0) != 0
     else:
         key_ok = offs_n < Lk
+    # masked keys (may hold NaN / inf) read as 0: their S^T and dP^T rows are finite, so P^T = 0
+    # there keeps dS^T = 0 (0 * NaN would not) and their dk, dv come out 0.
+    k = _load_rows(K + b * stride_kb + h * stride_kh + cols * stride_kl + offs_d[None, :],
+                   key_ok, d_ok, EVEN_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + h * stride_vh + cols * stride_vl + offs_d[None, :],
+                   key_ok, d_ok, EVEN_D, UPCAST)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + bh.to(tl.int64) * Lq
-    delta_base = DELTA + bh.to(tl.int64) * Lq
-    drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
+    lse_base = LSE + bh * Lq
+    delta_base = DELTA + bh * Lq
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        drop_base = tl.load(RNG + 1) + bh * Lq * Lk
+    else:
+        seed = 0
+        drop_base = 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     diag = Lk - Lq
@@ -284,12 +340,12 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(m_lo, m_full, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base,
                             delta_base, key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag,
-                            qk_scale, dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+                            qk_scale, dropout_p, drop_scale, drop_base, seed,
                             BLOCK_M, True, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
     for start_m in range(m_full, Lq, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base,
                             delta_base, key_ok, start_m, offs_n, offs_d, d_ok, Lq, Lk, diag,
-                            qk_scale, dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+                            qk_scale, dropout_p, drop_scale, drop_base, seed,
                             BLOCK_M, False, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
     dk = dk * sm_scale
     mask = (offs_n[:, None] < Lk) & d_ok[None, :]
@@ -298,16 +354,22 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base, stride_kpm,
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base,
              start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
-             dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+             dropout_p, drop_scale, drop_base, seed,
              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
              HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     offs_k = start_n + offs_n
-    k = _load_tile(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
-                   offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
-    v = _load_tile(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
-                   offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
+    k_ptrs = k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+    v_ptrs = v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :]
+    if HAS_KPM:
+        # masked keys (may hold NaN / inf) read as 0: dS = 0 * finite there, dQ += 0 * 0
+        km = tl.load(kpm_base + offs_k, mask=offs_k < Lk, other=0) != 0
+        k = _load_rows(k_ptrs, km, d_ok, EVEN_D, UPCAST)
+        v = _load_rows(v_ptrs, km, d_ok, EVEN_D, UPCAST)
+    else:
+        k = _load_tile(k_ptrs, offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
+        v = _load_tile(v_ptrs, offs_k, Lk, d_ok, MASKED, EVEN_D, UPCAST)
     s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
@@ -316,26 +378,26 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_b
             ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
         p = tl.where(ok, p, 0.0)
     if HAS_KPM:
-        km = tl.load(kpm_base + offs_k.to(tl.int64) * stride_kpm, mask=offs_k < Lk, other=0)
-        p = tl.where(km[None, :] != 0, p, 0.0)
+        p = tl.where(km[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
     if HAS_DROPOUT:
         c = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_k[None, :]
-        dp = tl.where(_dropout_keep(seed_lo, seed_hi, c, dropout_p), dp * drop_scale, 0.0)
+        dp = tl.where(_dropout_keep(seed, c, dropout_p), dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k)
     return dq
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "seed_lo", "seed_hi", "rng_offset"])
+@triton.jit(do_not_specialize=["Lq", "Lk"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # inputs (B, L, H, D), last dim contiguous
     LSE, DELTA,  # (B, H, Lq) fp32
-    KPM,  # (B, Lk) uint8 view of the bool mask
+    KPM,  # (B, Lk) contiguous uint8 view of the bool mask
+    RNG,  # (2,) int64 [seed, offset]
     DQ,  # (B, Lq, H, D) contiguous output
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh, stride_dob, stride_dol, stride_doh,
-    stride_dqb, stride_dql, stride_dqh, stride_kpmb, stride_kpml,
-    H, Lq, Lk, sm_scale, qk_scale, dropout_p, drop_scale, seed_lo, seed_hi, rng_offset,
+    stride_dqb, stride_dql, stride_dqh,
+    BH, H, Lq, Lk, sm_scale, qk_scale, dropout_p, drop_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -343,9 +405,11 @@ def _attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the last query tiles see the most keys: schedule them first
         pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh = _head_index()
+    if bh >= BH:
+        return
+    b = bh // H
+    h = bh % H
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -357,13 +421,18 @@ def _attn_bwd_dq_kernel(
                    offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + rows * stride_dol + offs_d[None, :],
                     offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq,
+    lse2 = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq,
                    other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    kpm_base = KPM + b * stride_kpmb
-    drop_base = rng_offset.to(tl.int64) + bh.to(tl.int64) * Lq * Lk
+    kpm_base = KPM + b * Lk
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        drop_base = tl.load(RNG + 1) + bh * Lq * Lk
+    else:
+        seed = 0
+        drop_base = 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     diag = Lk - Lq
     if IS_CAUSAL:
@@ -375,36 +444,72 @@ def _attn_bwd_dq_kernel(
         full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base,
-                      stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
-                      dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+                      start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
+                      dropout_p, drop_scale, drop_base, seed,
                       False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
     for start_n in range(full_end, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kpm_base,
-                      stride_kpml, start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
-                      dropout_p, drop_scale, drop_base, seed_lo, seed_hi,
+                      start_n, offs_m, offs_n, offs_d, d_ok, Lk, diag, qk_scale,
+                      dropout_p, drop_scale, drop_base, seed,
                       True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, EVEN_D, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dql + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
 
-@triton.jit(do_not_specialize=["Lq", "n_new", "chunk"])
+@triton.jit
+def _cache_len(SEQLENS, b, n_new, Lmax):
+    """(keys batch row b attends, whether its length is bad): bad when cache_seqlens[b] < 0 or
+    cache_seqlens[b] + n_new > Lmax; a bad row attends nothing (its output is NaN, see combine)."""
+    lens = tl.load(SEQLENS + b)  # int32, as written before this step
+    bad = (lens < 0) | (lens > Lmax - n_new)  # no int32 overflow, whatever the length
+    return tl.where(bad, 0, tl.minimum(lens, Lmax - n_new) + n_new), bad
+
+@triton.jit(do_not_specialize=["Lq", "Lmax"])
+def _decode_append_kernel(
+    KN, VN,  # (B, Lq, H, D) new keys / values
+    KC, VC,  # (B, Lmax, H, D) caches, written at rows cache_seqlens[b] + i
+    SEQLENS,  # (B,) int32 contiguous
+    stride_knb, stride_knl, stride_knh, stride_vnb, stride_vnl, stride_vnh,
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    BH, H, Lq, Lmax, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i = tl.program_id(0)  # new row
+    bh = _head_index()
+    if bh >= BH:
+        return
+    b = bh // H
+    h = bh % H
+    lens = tl.load(SEQLENS + b)
+    ok = (lens >= 0) & (lens <= Lmax - Lq)  # a bad row writes nothing
+    row = tl.where(ok, lens, 0).to(tl.int64) + i
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs_d < tl.where(ok, HEAD_D, 0)
+    kn = tl.load(KN + b * stride_knb + i.to(tl.int64) * stride_knl + h * stride_knh + offs_d, mask=mask)
+    vn = tl.load(VN + b * stride_vnb + i.to(tl.int64) * stride_vnl + h * stride_vnh + offs_d, mask=mask)
+    tl.store(KC + b * stride_kb + row * stride_kl + h * stride_kh + offs_d, kn, mask=mask)
+    tl.store(VC + b * stride_vb + row * stride_vl + h * stride_vh + offs_d, vn, mask=mask)
+
+@triton.jit(do_not_specialize=["Lq", "Lmax", "n_new", "chunk"])
 def _decode_split_kernel(
     Q,  # (B, Lq, H, D)
     KC, VC,  # (B, Lmax, H, D) caches (already holding the new keys)
-    SEQLENS,  # (B,) int32: cache lengths before this step
+    SEQLENS,  # (B,) int32 contiguous: cache lengths before this step
     OP,  # (B, H, S, Lq, BLOCK_D) fp32 partial outputs (normalised within the split)
     LSEP,  # (B, H, S, Lq) fp32 partial log2-sum-exp2, -inf for an empty split
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
-    H, Lq, n_new, chunk, num_splits, qk_scale,
+    BH, H, Lq, Lmax, n_new, chunk, num_splits, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m = tl.program_id(0)
+    head = _head_index()  # (b*H + h) * num_splits + split
+    if head >= BH * num_splits:
+        return
+    split = head % num_splits
+    bh = head // num_splits
+    b = bh // H
+    h = bh % H
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -413,10 +518,10 @@ def _decode_split_kernel(
     d_ok = offs_d < HEAD_D
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
                    + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
-    seqlen = tl.load(SEQLENS + b).to(tl.int32) + n_new  # Lk of this batch row (device value)
+    seqlen, _ = _cache_len(SEQLENS, b, n_new, Lmax)  # keys of this row: <= Lmax, 0 when bad
     diag = seqlen - Lq
     start = split * chunk
-    end = tl.minimum(start + chunk, seqlen)
+    end = tl.minimum(start + chunk, seqlen)  # slots >= seqlen are never loaded
     if IS_CAUSAL:
         end = tl.minimum(end, m0 + BLOCK_M + diag)
     k_base = KC + b * stride_kb + h * stride_kh
@@ -448,25 +553,28 @@ def _decode_split_kernel(
     o = acc / l_safe[:, None]
     lse2 = tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))
     row_ok = offs_m < Lq
-    part = (bh.to(tl.int64) * num_splits + split) * Lq
+    part = (bh * num_splits + split) * Lq
     tl.store(OP + (part + offs_m[:, None]) * BLOCK_D + offs_d[None, :], o, mask=row_ok[:, None])
     tl.store(LSEP + part + offs_m, lse2, mask=row_ok)
 
-@triton.jit(do_not_specialize=["Lq"])
+@triton.jit(do_not_specialize=["Lq", "Lmax", "n_new"])
 def _decode_combine_kernel(
     OP, LSEP,  # partials from _decode_split_kernel
     O,  # (B, Lq, H, D) contiguous output, q.dtype
-    stride_ob, stride_ol, stride_oh, H, Lq, num_splits,
+    SEQLENS,  # (B,) int32 contiguous: a bad length makes the row NaN
+    stride_ob, stride_ol, stride_oh, BH, H, Lq, Lmax, n_new, num_splits,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    i = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    i = tl.program_id(0)  # query row
+    bh = _head_index()
+    if bh >= BH:
+        return
+    b = bh // H
+    h = bh % H
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
-    part = (bh.to(tl.int64) * num_splits + offs_s) * Lq + i  # (BLOCK_S,)
+    part = (bh * num_splits + offs_s) * Lq + i  # (BLOCK_S,)
     lse = tl.load(LSEP + part, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -474,9 +582,10 @@ def _decode_combine_kernel(
     den = tl.sum(w, 0)
     op = tl.load(OP + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     o = tl.sum(op * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)  # no key at all -> 0
-    tl.store(O + b * stride_ob + h * stride_oh + i * stride_ol + offs_d, o.to(O.dtype.element_ty),
-             mask=offs_d < HEAD_D)
-
+    _, bad = _cache_len(SEQLENS, b, n_new, Lmax)
+    o = tl.where(bad, float("nan"), o)
+    tl.store(O + b * stride_ob + h * stride_oh + i.to(tl.int64) * stride_ol + offs_d,
+             o.to(O.dtype.element_ty), mask=offs_d < HEAD_D)
 
 # ----------------------------------------------------------------------------------------------
 # Configs (heuristics; no autotune so the first call does not stall)
@@ -509,8 +618,9 @@ def _fwd_config(block_d: int, hopper: bool, dropout: bool):
     if block_d <= 64:
         return 128, 64, 8, 3
     if block_d <= 128:
-        # philox state (4 words per score) spills the (128 x 64) tile on sm_90a
-        return (128, 32, 8, 3) if (hopper and dropout) else (128, 64, 8, 3)
+        # philox state (4 words per score) spills the (128 x 64) tile (sm_90a, and sm_80 since the
+        # [seed, offset] state is read from device memory: 44-60 bytes)
+        return (128, 32, 8, 3) if dropout else (128, 64, 8, 3)
     # D = 256: q (64 x 256) + 2 stages of k, v (32 x 256): 70 KB (sm_80) / 100 KB (sm_90a) shared
     return 64, 32, 8, 2
 
@@ -552,43 +662,99 @@ def _num_splits(device, programs: int, Lmax: int, block_n: int) -> int:
     return max(1, min(want, max_by_len, 128))
 
 
-def _seed_words(seed: int):
-    seed = int(seed)
-    return seed & _M32, (seed >> 32) & _M32
-
-
-def _kpm_args(key_padding_mask, q):
+def _kpm_arg(key_padding_mask, q):
     if key_padding_mask is None:
-        return q, 0, 0  # never read: HAS_KPM is False
-    m = key_padding_mask.view(torch.uint8)  # bool -> same bytes, no copy
-    return m, m.stride(0), m.stride(1)
+        return q  # never read: HAS_KPM is False
+    _require_contiguous(key_padding_mask, "key_padding_mask")
+    return key_padding_mask.view(torch.uint8)  # bool -> same bytes, no copy
+
+
+def _rng_arg(rng_state, dropout_p, q):
+    """The [seed, offset] state tensor the kernels read (q as a never-read stand-in without dropout)."""
+    check_rng_state(rng_state, dropout_p, q.device)
+    return rng_state if dropout_p > 0.0 else q
+
+
+def _require_contiguous(t, name):
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: the kernels index it as contiguous (the op layer copies other "
+                         f"layouts), got shape {tuple(t.shape)} with strides {t.stride()}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers (BRIEF.md "### attention")
+# Grids. Axis 0 (limit 2^31 - 1) carries the tile index, axes 1 and 2 (limit 65535 each) carry the
+# heads: n = B*H is spread as ny * nz >= n with nz = cdiv(n, 65535), ny = cdiv(n, nz), so at most
+# nz - 1 programs overhang (and return at once). Valid for B*H < 65535^2 and any int32 length.
+# ----------------------------------------------------------------------------------------------
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def _grid(tiles: int, heads: int):
+    """(tiles, ny, nz) for `tiles` programs per head and `heads` = B*H heads."""
+    nz = max(1, triton.cdiv(heads, GRID_LIMITS[2]))
+    ny = max(1, triton.cdiv(heads, nz))
+    grid = (max(1, tiles), ny, nz)
+    if any(g > lim for g, lim in zip(grid, GRID_LIMITS)):
+        raise ValueError(f"attention grid: {tiles} tiles x {heads} heads (B*H) exceed the launch limits "
+                         f"{GRID_LIMITS} (got {grid})")
+    return grid
+
+
+def fwd_grid(B: int, H: int, Lq: int, block_m: int):
+    return _grid(triton.cdiv(Lq, block_m), B * H)
+
+
+def bwd_preprocess_grid(B: int, H: int, Lq: int, block_m: int):
+    return _grid(triton.cdiv(Lq, block_m), B * H)
+
+
+def bwd_dkdv_grid(B: int, H: int, Lk: int, block_n: int):
+    return _grid(triton.cdiv(Lk, block_n), B * H)
+
+
+def bwd_dq_grid(B: int, H: int, Lq: int, block_m: int):
+    return _grid(triton.cdiv(Lq, block_m), B * H)
+
+
+def decode_append_grid(B: int, H: int, Lq: int):
+    return _grid(Lq, B * H)  # one program per new row and head
+
+
+def decode_split_grid(B: int, H: int, Lq: int, block_m: int, num_splits: int):
+    return _grid(triton.cdiv(Lq, block_m), B * H * num_splits)  # axes 1, 2 = (b, h, split)
+
+
+def decode_combine_grid(B: int, H: int, Lq: int):
+    return _grid(Lq, B * H)  # one program per query row and head
+
+
+_PREPROCESS_BLOCK_M = 16 if _INTERPRET else 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (the launcher contract in the module docstring)
 # ----------------------------------------------------------------------------------------------
 def attention_fwd(q, k, v, key_padding_mask, softmax_scale: float, causal: bool, dropout_p: float,
-                  seed: int, offset: int):
-    """-> (o (B, Lq, H, D) q.dtype, lse (B, H, Lq) fp32). Arguments as validated by the op module."""
+                  rng_state):
+    """-> (o (B, Lq, H, D) q.dtype, lse (B, H, Lq) fp32). Arguments as validated by the op module;
+    rng_state: int64 [seed, offset] on q's device (read by the kernel), or None when dropout_p == 0."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # (B, H, Lq)
+    has_drop = dropout_p > 0.0
+    kpm = _kpm_arg(key_padding_mask, q)
+    rng = _rng_arg(rng_state, dropout_p, q)
     if B * H * Lq == 0:
         return o, lse
     block_d = _block_d(D)
-    BM, BN, warps, stages = _fwd_config(block_d, _is_hopper(q.device), dropout_p > 0.0)
-    kpm, s_kpmb, s_kpml = _kpm_args(key_padding_mask, q)
-    seed_lo, seed_hi = _seed_words(seed)
-    has_drop = dropout_p > 0.0
-    grid = (triton.cdiv(Lq, BM), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, kpm,
+    BM, BN, warps, stages = _fwd_config(block_d, _is_hopper(q.device), has_drop)
+    _attn_fwd_kernel[fwd_grid(B, H, Lq, BM)](
+        q, k, v, o, lse, kpm, rng,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        s_kpmb, s_kpml,
-        H, Lq, Lk, float(softmax_scale) * _LOG2E, float(dropout_p),
-        1.0 / (1.0 - dropout_p) if has_drop else 1.0, seed_lo, seed_hi, int(offset),
+        B * H, H, Lq, Lk, float(softmax_scale) * _LOG2E, float(dropout_p),
+        1.0 / (1.0 - dropout_p) if has_drop else 1.0,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, IS_CAUSAL=bool(causal),
         HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=has_drop,
         UPCAST=_INTERPRET, num_warps=warps, num_stages=stages,
@@ -596,8 +762,8 @@ def attention_fwd(q, k, v, key_padding_mask, softmax_scale: float, causal: bool,
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, dropout_p, seed,
-                  offset, deterministic: bool):
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, dropout_p, rng_state,
+                  deterministic: bool):
     """-> (dq, dk, dv) in q.dtype, shapes of q/k/v, contiguous.
 
     dq always comes from its own kernel looping over key tiles (no atomics), so the result is
@@ -608,6 +774,9 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D)
     dk = torch.empty((B, Lk, H, D), dtype=q.dtype, device=q.device)  # (B, Lk, H, D)
     dv = torch.empty((B, Lk, H, D), dtype=q.dtype, device=q.device)  # (B, Lk, H, D)
+    has_drop = dropout_p > 0.0
+    kpm = _kpm_arg(key_padding_mask, q)
+    rng = _rng_arg(rng_state, dropout_p, q)
     if B * H == 0 or (Lq == 0 and Lk == 0):
         return dq, dk, dv
     if Lq == 0:
@@ -615,29 +784,26 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
     block_d = _block_d(D)
     (BM1, BN1, warps1), (BM2, BN2, warps2), stages = _bwd_config(block_d, _is_hopper(q.device))
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # (B, H, Lq)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Lq, 64 if not _INTERPRET else 16), B * H)](
+    _attn_bwd_preprocess_kernel[bwd_preprocess_grid(B, H, Lq, _PREPROCESS_BLOCK_M)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, Lq, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64 if not _INTERPRET else 16, num_warps=4,
+        B * H, H, Lq, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4,
     )
-    kpm, s_kpmb, s_kpml = _kpm_args(key_padding_mask, q)
-    seed_lo, seed_hi = _seed_words(seed)
-    has_drop = dropout_p > 0.0
-    common = (H, Lq, Lk, float(softmax_scale), float(softmax_scale) * _LOG2E, float(dropout_p),
-              1.0 / (1.0 - dropout_p) if has_drop else 1.0, seed_lo, seed_hi, int(offset))
+    common = (B * H, H, Lq, Lk, float(softmax_scale), float(softmax_scale) * _LOG2E, float(dropout_p),
+              1.0 / (1.0 - dropout_p) if has_drop else 1.0)
     flags = dict(HEAD_D=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal),
                  HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=has_drop, UPCAST=_INTERPRET,
                  num_stages=stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     if Lk > 0:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, BN1), B * H)](
-            q, k, v, do, lse, delta, kpm, dk, dv, *strides,
-            dk.stride(0), dk.stride(1), dk.stride(2), s_kpmb, s_kpml, *common,
+        _attn_bwd_dkdv_kernel[bwd_dkdv_grid(B, H, Lk, BN1)](
+            q, k, v, do, lse, delta, kpm, rng, dk, dv, *strides,
+            dk.stride(0), dk.stride(1), dk.stride(2), *common,
             BLOCK_M=BM1, BLOCK_N=BN1, num_warps=warps1, **flags,
         )
-    _attn_bwd_dq_kernel[(triton.cdiv(Lq, BM2), B * H)](
-        q, k, v, do, lse, delta, kpm, dq, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), s_kpmb, s_kpml, *common,
+    _attn_bwd_dq_kernel[bwd_dq_grid(B, H, Lq, BM2)](
+        q, k, v, do, lse, delta, kpm, rng, dq, *strides,
+        dq.stride(0), dq.stride(1), dq.stride(2), *common,
         BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2, **flags,
     )
     return dq, dk, dv
@@ -647,42 +813,48 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
                            causal: bool, num_splits=None):
     """Decode step -> o (B, Lq, H, D) q.dtype; writes k_new/v_new into the caches in place.
 
-    The caller guarantees cache_seqlens[b] + Lq <= Lmax when k_new is given (checking it here would
-    need a host sync); an index past Lmax raises (CPU) or trips a device-side assert (CUDA).
+    Never syncs the host. A batch row whose length is bad (cache_seqlens[b] < 0, or
+    cache_seqlens[b] + Lq > Lmax with new keys) gets NaN output rows and no cache write; slots at
+    and past a row's length are never read (torch.empty garbage there cannot leak in).
     `num_splits` (extra, keyword) forces the split count, for tests; None picks it from statics.
     """
     B, Lq, H, D = q.shape
     Lmax = k_cache.shape[1]
+    _require_contiguous(cache_seqlens, "cache_seqlens")
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D)
     if B * H * Lq == 0:
         return o
+    block_d = _block_d(D)
     n_new = 0
     if k_new is not None:
-        # Index tensors are built on the device from device lengths: no sync, graph-capturable.
-        rows = cache_seqlens.to(torch.int64)[:, None] + torch.arange(Lq, device=q.device)  # (B, Lq)
-        bidx = torch.arange(B, device=q.device)[:, None].expand(B, Lq)  # (B, Lq)
-        k_cache[bidx, rows] = k_new
-        v_cache[bidx, rows] = v_new
         n_new = Lq
-    block_d = _block_d(D)
+        _decode_append_kernel[decode_append_grid(B, H, Lq)](
+            k_new, v_new, k_cache, v_cache, cache_seqlens,
+            k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            B * H, H, Lq, Lmax, HEAD_D=D, BLOCK_D=block_d, num_warps=1,
+        )
     BM, BN, warps, stages = _decode_config(block_d, Lq)
     m_blocks = triton.cdiv(Lq, BM)
     if num_splits is None:
         num_splits = _num_splits(q.device, B * H * m_blocks, Lmax, BN)
+    num_splits = max(1, min(num_splits, GRID_LIMITS[1] * GRID_LIMITS[2] // (B * H)))  # (b, h, split) on axes 1, 2
     chunk = triton.cdiv(triton.cdiv(max(Lmax, 1), num_splits), BN) * BN
     num_splits = max(1, triton.cdiv(max(Lmax, 1), chunk))  # no split starts past Lmax
     o_part = torch.empty((B, H, num_splits, Lq, block_d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, num_splits, Lq), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(B * H, num_splits, m_blocks)](
+    _decode_split_kernel[decode_split_grid(B, H, Lq, BM, num_splits)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H, Lq, n_new, chunk, num_splits, float(softmax_scale) * _LOG2E,
+        B * H, H, Lq, Lmax, n_new, chunk, num_splits, float(softmax_scale) * _LOG2E,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, IS_CAUSAL=bool(causal),
         UPCAST=_INTERPRET, num_warps=warps, num_stages=stages,
     )
-    _decode_combine_kernel[(B * H, Lq)](
-        o_part, lse_part, o, o.stride(0), o.stride(1), o.stride(2), H, Lq, num_splits,
+    _decode_combine_kernel[decode_combine_grid(B, H, Lq)](
+        o_part, lse_part, o, cache_seqlens, o.stride(0), o.stride(1), o.stride(2),
+        B * H, H, Lq, Lmax, n_new, num_splits,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
     )
     return o
@@ -722,6 +894,11 @@ def _common_reason(q, tensors) -> "str | None":
     for name, t in [("q", q)] + list(tensors):
         if t.stride(-1) != 1:
             return f"{name}.stride(-1): expected 1, got {t.stride(-1)}"
+        if t.shape[1] >= 2**31:  # row indices are int32 in the kernels
+            return f"{name}: expected a length (dim 1) below 2^31, got {t.shape[1]}"
+    heads = q.shape[0] * q.shape[2]
+    if heads > GRID_LIMITS[1] * GRID_LIMITS[2]:
+        return f"B*H: expected at most 65535^2 heads (grid axes 1 and 2), got {heads}"
     return None
 
 

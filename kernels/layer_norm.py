@@ -2,15 +2,23 @@
 
 Guarantees (the "layer norm" launcher interface, shared with fastlayers.cuda_ops.layer_norm):
   layer_norm_fwd(x, residual, weight, bias, eps, rms) -> (y, residual_out, mean, rstd)
-  layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, has_bias, rms) -> (ds, dweight, dbias)
-x, dy, s: (rows, cols) with a contiguous last dim and any row stride; outputs are contiguous and
-allocated here with torch.empty on the input's device. Statistics in fp32; mean (rows,) fp32 or None
-when rms; rstd (rows,) fp32. dweight/dbias: every backward program owns a contiguous group of rows and
-writes one fp32 partial row into a (programs, cols) buffer; torch's .sum(0) over that buffer (a fixed
-reduction order) finishes them, so they are bitwise reproducible run to run on one device.
+  layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, has_bias, rms, *, param_dtype=None)
+      -> (ds, dweight, dbias)
+x, dy, s: (rows, cols) with a contiguous last dim and any row stride (0 included); weight, bias:
+(cols,) contiguous (the op boundary's vector_arg), of x's dtype or float32 (mixed precision: fp16/bf16
+activations with fp32 parameters; each pointer is loaded at its own dtype). y and residual_out have
+x's dtype, dweight/dbias the parameters' (param_dtype when weight is None; default s's dtype).
+Outputs are contiguous and allocated here with torch.empty on the input's device. Statistics in
+fp32; mean (rows,) fp32 or None when rms; rstd (rows,) fp32. dweight/dbias: every backward program
+owns a contiguous group of rows and writes one fp32 partial row into a (programs, cols) buffer;
+torch's .sum(0) over that buffer (a fixed reduction order) finishes them, so they are bitwise
+reproducible run to run on one device.
 Rows of up to _MAX_BLOCK (backward: _MAX_BLOCK_BWD) columns are held whole in registers; longer
 rows are walked in chunks (forward: chunked Welford, then a second pass; backward: a row-sums
 kernel, then column tiles: two reads of s and dy).
+Grids come from fwd_config / bwd_config (plain Python, tested on CPU for extreme shapes): no axis
+exceeds GRID_LIMITS; rows past what the grid covers are walked by grid-stride loops, with 64-bit
+row offsets, so any row count the memory holds launches.
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (fp32/fp16).
 Callers: pytorch_ext/ops/layer_norm.py (validation, autograd) and tests.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,6 +43,11 @@ _TILE_ELEMS = 4096
 _CHUNK = 4096
 # Column tile of the backward for rows longer than _MAX_BLOCK_BWD.
 _COL_TILE = 2048
+# Launch limits of a CUDA grid (Triton launches are CUDA launches): axis 0, axes 1 and 2.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+# Programs of the row-parallel kernels; more rows are walked by the grid-stride loop. Far above
+# what fills a GPU, so every realistic shape runs one trip.
+_MAX_PROGRAMS = 1 << 20
 
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
@@ -57,9 +71,19 @@ def _layer_norm_fwd_kernel(
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,  # SINGLE: cols <= BLOCK
 ):
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    # Grid-stride over tiles of ROWS rows (fwd_config caps the grid; one trip for usual shapes).
+    for tile in range(tl.program_id(0), tl.cdiv(rows, ROWS), tl.num_programs(0)):
+        _layer_norm_fwd_tile(X, R, W, B, Y, RO, MEAN, RSTD, stride_x, stride_r, stride_y, stride_ro,
+                             rows, cols, eps, tile, HAS_RES, HAS_W, HAS_B, RMS, ROWS, BLOCK, SINGLE)
+
+
+@triton.jit
+def _layer_norm_fwd_tile(X, R, W, B, Y, RO, MEAN, RSTD, stride_x, stride_r, stride_y, stride_ro,
+                         rows, cols, eps, tile,
+                         HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    row = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64: rows * cols may pass 2^31
     row_ok = row < rows
-    row = row.to(tl.int64)
     offs = tl.arange(0, BLOCK)  # (BLOCK,)
     x_ptr = X + row[:, None] * stride_x
     r_ptr = R + row[:, None] * stride_r
@@ -135,7 +159,14 @@ def _layer_norm_bwd_row_sums_kernel(
     stride_dy, stride_s, rows, cols,
     HAS_W: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    for row in range(tl.program_id(0), rows, tl.num_programs(0)):  # grid-stride (bwd_config caps the grid)
+        _layer_norm_bwd_row_sums(DY, S, W, MEAN, RSTD, SUMS, stride_dy, stride_s, tl.cast(row, tl.int64), cols,
+                                 HAS_W, RMS, BLOCK)
+
+
+@triton.jit
+def _layer_norm_bwd_row_sums(DY, S, W, MEAN, RSTD, SUMS, stride_dy, stride_s, row, cols,
+                             HAS_W: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     mu = 0.0
     if not RMS:
@@ -176,7 +207,7 @@ def _layer_norm_bwd_kernel(
         w = tl.load(W + cs, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     db = tl.zeros((BLOCK,), dtype=tl.float32)
-    row_start = pid * rows_per_prog
+    row_start = tl.cast(pid, tl.int64) * rows_per_prog  # int64: rows may pass 2^31
     row_end = tl.minimum(row_start + rows_per_prog, rows)
     for start in range(row_start, row_end, ROWS):
         row = start + tl.arange(0, ROWS)  # (ROWS,)
@@ -244,6 +275,61 @@ def _tile(cols: int, max_block: int) -> tuple[int, int]:
     return rows, block
 
 
+def _check_grid(kernel: str, grid: tuple, rows: int, cols: int) -> tuple:
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if not 1 <= n <= limit:  # a bug in the configs below, never the caller's fault
+            raise AssertionError(f"{kernel}: grid axis {axis} = {n} outside [1, {limit}] for rows={rows}, "
+                                 f"cols={cols}")
+    return grid
+
+
+class FwdConfig(NamedTuple):
+    grid: tuple  # of _layer_norm_fwd_kernel
+    rows_per_tile: int  # ROWS
+    block: int  # BLOCK
+    single: bool  # SINGLE: the row is held whole
+    num_warps: int
+
+
+class BwdConfig(NamedTuple):
+    row_sums_grid: tuple | None  # of _layer_norm_bwd_row_sums_kernel, None when not split
+    grid: tuple  # of _layer_norm_bwd_kernel: (programs = partial rows of dweight/dbias, column tiles)
+    rows_per_tile: int  # ROWS
+    block: int  # BLOCK (whole row, or a column tile when split)
+    rows_per_prog: int
+    num_warps: int
+
+
+def fwd_config(rows: int, cols: int) -> FwdConfig:
+    """The forward launch for a (rows >= 1, cols >= 1) input. Plain Python: tests call it for shapes
+    no test could allocate and check every grid axis against GRID_LIMITS."""
+    n_rows, block = _tile(cols, _MAX_BLOCK)
+    single = cols <= block
+    if not single:
+        block = min(_CHUNK, block)
+    grid = (min(triton.cdiv(rows, n_rows), _MAX_PROGRAMS),)  # the kernel's grid-stride loop does the rest
+    return FwdConfig(_check_grid("_layer_norm_fwd_kernel", grid, rows, cols), n_rows, block, single,
+                     _num_warps(n_rows * block, 16, 16))
+
+
+def bwd_config(rows: int, cols: int, programs_cap: int) -> BwdConfig:
+    """The backward launches for a (rows >= 1, cols >= 1) input; programs_cap: most partial rows
+    (_programs_cap). Plain Python, like fwd_config."""
+    n_rows, block = _tile(cols, _MAX_BLOCK_BWD)
+    split = cols > block  # column tiles + precomputed row sums
+    row_sums_grid = None
+    if split:
+        n_rows, block = 1, min(_COL_TILE, block)
+        row_sums_grid = _check_grid("_layer_norm_bwd_row_sums_kernel", (min(rows, _MAX_PROGRAMS),), rows, cols)
+    col_tiles = triton.cdiv(cols, block)
+    cap = max(1, programs_cap // col_tiles) if split else programs_cap
+    programs = min(triton.cdiv(rows, n_rows), cap)
+    rows_per_prog = triton.cdiv(triton.cdiv(rows, programs), n_rows) * n_rows
+    programs = triton.cdiv(rows, rows_per_prog)
+    grid = _check_grid("_layer_norm_bwd_kernel", (programs, col_tiles), rows, cols)
+    return BwdConfig(row_sums_grid, grid, n_rows, block, rows_per_prog, _num_warps(n_rows * block, 8, 32))
+
+
 def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
     """-> (y, residual_out, mean, rstd); see the module docstring."""
     rows, cols = x.shape  # (rows, cols), x.stride(1) == 1
@@ -253,12 +339,9 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)  # (rows,)
     if rows == 0:
         return y, residual_out, mean, rstd
-    n_rows, block = _tile(cols, _MAX_BLOCK)
-    single = cols <= block
-    if not single:
-        block = min(_CHUNK, block)
+    cfg = fwd_config(rows, cols)
     # Absent tensors: pass y (never dereferenced; the constexpr flags compile their loads out).
-    _layer_norm_fwd_kernel[(triton.cdiv(rows, n_rows),)](
+    _layer_norm_fwd_kernel[cfg.grid](
         x, residual if residual is not None else x, weight if weight is not None else y,
         bias if bias is not None else y, y, residual_out if residual_out is not None else y,
         mean if mean is not None else rstd, rstd,
@@ -266,46 +349,41 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
         residual_out.stride(0) if residual_out is not None else 0,
         rows, cols, float(eps),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=bool(rms),
-        ROWS=n_rows, BLOCK=block, SINGLE=single, num_warps=_num_warps(n_rows * block, 16, 16),
+        ROWS=cfg.rows_per_tile, BLOCK=cfg.block, SINGLE=cfg.single, num_warps=cfg.num_warps,
     )
     return y, residual_out, mean, rstd
 
 
-def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, has_bias: bool, rms: bool):
-    """-> (ds, dweight, dbias); dweight/dbias in weight's dtype (s's when weight is None)."""
+def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, has_bias: bool, rms: bool, *, param_dtype=None):
+    """-> (ds, dweight, dbias); dweight/dbias in weight's dtype, else param_dtype, else s's."""
     rows, cols = s.shape  # (rows, cols), s.stride(1) == 1
-    pdtype = weight.dtype if weight is not None else s.dtype
+    pdtype = weight.dtype if weight is not None else (param_dtype or s.dtype)
     ds = torch.empty((rows, cols), dtype=s.dtype, device=s.device)  # (rows, cols)
     need_dw, need_db = weight is not None, bool(has_bias)
     if rows == 0:
         zeros = lambda: torch.zeros((cols,), dtype=pdtype, device=s.device)  # noqa: E731
         return ds, zeros() if need_dw else None, zeros() if need_db else None
-    n_rows, block = _tile(cols, _MAX_BLOCK_BWD)
-    split = cols > block  # column tiles + precomputed row sums
-    if split:
-        n_rows, block = 1, min(_COL_TILE, block)
+    cfg = bwd_config(rows, cols, _programs_cap(s))
+    if cfg.row_sums_grid is not None:
         sums = torch.empty((rows, 2), dtype=torch.float32, device=s.device)  # (rows, 2)
-        _layer_norm_bwd_row_sums_kernel[(rows,)](
+        _layer_norm_bwd_row_sums_kernel[cfg.row_sums_grid](
             dy, s, weight if weight is not None else s, mean if mean is not None else rstd, rstd, sums,
             dy.stride(0), s.stride(0), rows, cols,
             HAS_W=weight is not None, RMS=bool(rms), BLOCK=_CHUNK, num_warps=_num_warps(_CHUNK, 8, 16))
     else:
         sums = rstd  # unused
-    col_tiles = triton.cdiv(cols, block)
-    cap = max(1, _programs_cap(s) // col_tiles) if split else _programs_cap(s)
-    programs = min(triton.cdiv(rows, n_rows), cap)
-    rows_per_prog = triton.cdiv(triton.cdiv(rows, programs), n_rows) * n_rows
-    programs = triton.cdiv(rows, rows_per_prog)
+    programs = cfg.grid[0]
     dw_part = torch.empty((programs, cols), dtype=torch.float32, device=s.device) if need_dw else None  # (P, cols)
     db_part = torch.empty((programs, cols), dtype=torch.float32, device=s.device) if need_db else None  # (P, cols)
-    _layer_norm_bwd_kernel[(programs, col_tiles)](
+    _layer_norm_bwd_kernel[cfg.grid](
         dy, s, weight if weight is not None else s, mean if mean is not None else rstd, rstd,
         dresidual_out if dresidual_out is not None else dy, ds,
         dw_part if need_dw else rstd, db_part if need_db else rstd, sums,
         dy.stride(0), s.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0, ds.stride(0),
-        rows, cols, rows_per_prog,
+        rows, cols, cfg.rows_per_prog,
         HAS_W=weight is not None, HAS_DRES=dresidual_out is not None, NEED_DW=need_dw, NEED_DB=need_db,
-        RMS=bool(rms), HAS_SUMS=split, ROWS=n_rows, BLOCK=block, num_warps=_num_warps(n_rows * block, 8, 32),
+        RMS=bool(rms), HAS_SUMS=cfg.row_sums_grid is not None, ROWS=cfg.rows_per_tile, BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
     )
     # torch's sum over dim 0 of a fixed-shape fp32 tensor reduces in a fixed order: deterministic.
     dweight = dw_part.sum(0).to(pdtype) if need_dw else None  # (cols,)

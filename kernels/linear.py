@@ -4,10 +4,17 @@ Called by pytorch_ext/ops/linear.py through exactly three functions (the same in
 fastlayers.cuda_ops.linear): linear_fwd, linear_bwd, unsupported_reason.
 
 Guarantees
-- x: (M, K) with stride(1) == 1 and any row stride (a column slice of a wider tensor is fine);
-  weight: (N, K) as nn.Linear stores it, stride(1) == 1; residual / dy / preact: (M, N), stride(1)==1,
-  any row stride. Any M (including 0, 1, odd), any N, K (tails are masked). Outputs are allocated
-  with torch.empty, contiguous, in x.dtype (dx) / weight.dtype (dweight, dbias).
+- x: (M, K) with stride(1) == 1 and any row stride (a column slice of a wider tensor is fine, and
+  0: one broadcast row); weight: (N, K) as nn.Linear stores it, stride(1) == 1; residual / dy /
+  preact: (M, N), stride(1) == 1, any row stride (0 included: the gradient of y.sum(0) is dy with
+  strides (0, 1)). bias: (N,) read as contiguous -- the op boundary (ops/linear.py, vector_arg)
+  copies any other layout, and the launchers refuse one. Any M (including 0, 1, odd), any N, K
+  (tails are masked). Outputs are allocated with torch.empty, contiguous, in x.dtype (dx) /
+  weight.dtype (dweight, dbias).
+- Grids: every kernel walks its tiles (or blocks) with a strided loop, so any program count in
+  [1, tiles] is correct; the launch plans (fwd_launch, dx_launch, dw_launch) cap it at CUDA's grid
+  axis-0 limit (2^31 - 1), and CPU tests check them on extreme shapes. Pointer steps along the
+  reduction are int64 (a K or N above 2^24 times the tile height overflows int32).
 - fp32 accumulation everywhere; the whole epilogue (bias, activation, residual add, optional
   pre-activation store) happens in registers on the fp32 accumulator before the single store.
 - fp16 / bf16 run on tensor cores. fp32 inputs use TF32 dots (input_precision="tf32": 10-bit
@@ -31,10 +38,13 @@ Design decisions
   (a pointer-loaded residual pushed the tanh-gelu+residual epilogue into spills with Triton 3.9's
   ptxas, see benchmarks/triton_aot_check.py). Bias, activation, preact, residual add and the
   stores are the same code. TMA is used only when every tensor it reads (x, W, residual; dy, z, W)
-  has a 16-byte aligned base, a row stride that is a multiple of 16 bytes and a contiguous last
-  dim; otherwise (e.g. an odd column slice of x) the pointer path runs, as it does on Ampere and
-  under the interpreter. FASTLAYERS_TRITON_TMA=0 in the environment (read at each launch)
-  disables TMA, for A/B benchmarking. The dweight GEMM keeps pointer loads.
+  has a 16-byte aligned base, a NONZERO row stride that is a multiple of 16 bytes (a broadcast row,
+  stride 0, is not a TMA tensor: the CUDA side refuses it too), a contiguous last dim and
+  dimensions below 2^31 (TMA coordinates are int32); otherwise (e.g. an odd column slice of x, or
+  dy = grad of y.sum(0)) the pointer path runs, as it does on Ampere and under the interpreter.
+  A single-row operand is described with the smallest valid row stride (it is never stepped).
+  FASTLAYERS_TRITON_TMA=0 in the environment (read at each launch) disables TMA, for A/B
+  benchmarking. The dweight GEMM keeps pointer loads.
 - Configs come from shape / dtype / architecture heuristics (cached), never from a first-call
   autotune; none of them has been tuned on a GPU yet.
 - The forward SAVES the pre-activation z = x @ W.T + b (save_preact=True) instead of letting the
@@ -229,6 +239,7 @@ def _linear_bwd_dx_kernel(
     ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INT64_STEPS: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = tl.cdiv(K, BLOCK_K)
@@ -244,6 +255,10 @@ def _linear_bwd_dx_kernel(
             dy_ptrs = dy_src + rows[:, None] * stride_dym + offs_n[None, :]   # (BM, BN)
             z_ptrs = z_src + rows[:, None] * stride_zm + offs_n[None, :]      # (BM, BN)
             w_ptrs = w_src + offs_n.to(tl.int64)[:, None] * stride_wn + cols[None, :]   # (BN, BK)
+            if INT64_STEPS:  # BLOCK_N * K passes 2^31: step in int64 (a variant of its own, so the
+                w_step = tl.cast(stride_wn, tl.int64) * BLOCK_N   # common one keeps its registers)
+            else:
+                w_step = BLOCK_N * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n in range(0, tl.cdiv(N, BLOCK_N)):
             if USE_TMA:
@@ -267,7 +282,7 @@ def _linear_bwd_dx_kernel(
             if not USE_TMA:
                 dy_ptrs += BLOCK_N
                 z_ptrs += BLOCK_N
-                w_ptrs += BLOCK_N * stride_wn
+                w_ptrs += w_step
         out_mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
         out_offs = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(dx_ptr + out_offs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
@@ -287,7 +302,7 @@ def _linear_bwd_dw_kernel(
     stride_dym, stride_zm, stride_xm,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_STEPS: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_k = tl.cdiv(K, BLOCK_K)
@@ -307,6 +322,14 @@ def _linear_bwd_dw_kernel(
         dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + cols_n[None, :]   # (BM, BN)
         z_ptrs = z_ptr + offs_m.to(tl.int64)[:, None] * stride_zm + cols_n[None, :]      # (BM, BN)
         x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + cols_k[None, :]      # (BM, BK)
+        if INT64_STEPS:  # BLOCK_M * a row stride passes 2^31: step in int64
+            dy_step = tl.cast(stride_dym, tl.int64) * BLOCK_M
+            z_step = tl.cast(stride_zm, tl.int64) * BLOCK_M
+            x_step = tl.cast(stride_xm, tl.int64) * BLOCK_M
+        else:
+            dy_step = BLOCK_M * stride_dym
+            z_step = BLOCK_M * stride_zm
+            x_step = BLOCK_M * stride_xm
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for m in range(m_start, m_end, BLOCK_M):
@@ -321,16 +344,19 @@ def _linear_bwd_dw_kernel(
             else:
                 dz = dz.to(x_ptr.dtype.element_ty)
             acc = tl.dot(tl.trans(dz), xt, acc, input_precision=DOT_PRECISION)
-            dy_ptrs += BLOCK_M * stride_dym
-            z_ptrs += BLOCK_M * stride_zm
-            x_ptrs += BLOCK_M * stride_xm
+            dy_ptrs += dy_step
+            z_ptrs += z_step
+            x_ptrs += x_step
         n_mask = offs_n < N
         out_mask = n_mask[:, None] & (offs_k < K)[None, :]
-        out_offs = (split * N + offs_n).to(tl.int64)[:, None] * K + offs_k[None, :]
+        rows_n = split * N + offs_n                              # row of the (S, N, K) partials
+        if INT64_STEPS:
+            rows_n = tl.cast(split, tl.int64) * N + offs_n
+        out_offs = rows_n.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(dw_ptr + out_offs, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
         if HAS_BIAS:
             if pid_k == 0:
-                tl.store(db_ptr + split * N + offs_n, db_acc.to(db_ptr.dtype.element_ty), mask=n_mask)
+                tl.store(db_ptr + rows_n, db_acc.to(db_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -340,15 +366,17 @@ def _sum_splits_kernel(
     numel, num_splits,
     BLOCK: tl.constexpr,
 ):
-    # Fixed summation order over the splits: bitwise reproducible run to run.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    ptrs = part_ptr + offs
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(num_splits):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += numel
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    # Fixed summation order over the splits: bitwise reproducible run to run. Strided block loop,
+    # like the GEMMs: any grid size in [1, blocks] is correct (the launch caps it).
+    for block in range(tl.program_id(0), tl.cdiv(numel, BLOCK), tl.num_programs(0)):
+        offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        ptrs = part_ptr + offs
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(num_splits):
+            acc += tl.load(ptrs, mask=mask, other=0.0)
+            ptrs += numel
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,15 +430,73 @@ def _gemm_config(M, N, K, elem_bytes, arch, num_sms, heavy):
     return cfg
 
 
+# CUDA's grid limits (axis x, y, z); every launch here uses axis x only.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+_SUM_BLOCK = 1024  # elements per block of _sum_splits_kernel
+
+
 def _grid(cfg, num_tiles, num_sms):
-    return (max(1, min(num_tiles, num_sms)) if cfg["persistent"] else max(1, num_tiles),)
+    """Programs of a tile-loop kernel: one per tile, or one per SM when persistent. The kernels'
+    strided tile loop makes any count in [1, num_tiles] correct, so it is capped at axis 0's limit
+    (reached only by the interpreter's tiny tiles: on a GPU many tiles mean persistent)."""
+    n = min(num_tiles, num_sms) if cfg["persistent"] else num_tiles
+    return (max(1, min(n, MAX_GRID[0])),)
+
+
+def fwd_launch(M, N, K, elem_bytes, arch, num_sms, heavy, cfg=None):
+    """(cfg, grid) of the forward kernel for x (M, K) @ W (N, K)^T; M, N >= 1 (the launcher returns
+    before launching otherwise). CPU-callable: tests check the grid on extreme shapes."""
+    cfg = cfg or _gemm_config(M, N, K, elem_bytes, arch, num_sms, heavy)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    return cfg, _grid(cfg, tiles, num_sms)
+
+
+def dx_launch(M, N, K, elem_bytes, arch, num_sms, cfg=None):
+    """(cfg, grid) of the dx kernel: dx (M, K) = dz (M, N) @ W (N, K); M, K, N >= 1. The GEMM is
+    (M x K) with reduction N: the config's BLOCK_N tiles K and its BLOCK_K steps N."""
+    cfg = cfg or _gemm_config(M, K, N, elem_bytes, arch, num_sms, True)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
+    return cfg, _grid(cfg, tiles, num_sms)
+
+
+def dw_launch(M, N, K, elem_bytes, arch, num_sms, cfg=None, split=None):
+    """(cfg, split, rows_per_split, grid, sum_grid_dw, sum_grid_db) of the dweight GEMM, dW (N, K) =
+    dz^T (N, M) @ x (M, K), reduction M; N, M >= 1. sum_grid_*: the fixed-order sum of the fp32
+    partials when split > 1 (else None). The config's (BLOCK_M, BLOCK_N, BLOCK_K) serve as
+    (N tile, K tile, M step). Always "heavy": dz is built in registers (not streamed from shared
+    memory), and ptxas spills 128x256 tiles of both gradient GEMMs even without an activation."""
+    cfg = cfg or _gemm_config(N, K, M, elem_bytes, arch, num_sms, True)
+    if split is None:
+        split, rows = _split_m(M, N, K, tuple(sorted(cfg.items())), num_sms)
+    else:
+        rows = triton.cdiv(triton.cdiv(M, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        split = triton.cdiv(M, rows)
+    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]) * split
+    sum_dw = sum_db = None
+    if split > 1:
+        sum_dw = (max(1, min(triton.cdiv(N * K, _SUM_BLOCK), MAX_GRID[0])),)
+        sum_db = (max(1, min(triton.cdiv(N, _SUM_BLOCK), MAX_GRID[0])),)
+    return cfg, split, rows, _grid(cfg, tiles, num_sms), sum_dw, sum_db
+
+
+def _int64_steps(*steps):
+    """Whether a kernel's pointer steps (tile height x row stride, elements) need int64 arithmetic:
+    Triton types an int argument below 2^31 as int32, and the product would wrap."""
+    return any(abs(s) >= 2**31 for s in steps)
 
 
 def _tma_compatible(t):
-    """TMA's constraints on a 2-D global tensor: 16-byte aligned base, row stride a multiple of
-    16 bytes, contiguous last dim."""
-    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0
-            and (t.stride(0) * t.element_size()) % 16 == 0)
+    """TMA's rules for a 2-D global tensor: contiguous last dim, 16-byte aligned base, dimensions
+    below 2^31 (int32 tile coordinates), and -- unless it has a single row -- a row stride that is
+    a NONZERO multiple of 16 bytes below 2^40 bytes. A broadcast row (stride 0, e.g. dy of y.sum(0))
+    is not a TMA tensor: the pointer path reads it (the CUDA side's tma_ok refuses it too)."""
+    rows, cols = t.shape
+    if t.stride(1) != 1 and cols > 1:
+        return False
+    if t.data_ptr() % 16 or rows >= 2**31 or cols >= 2**31:
+        return False
+    row_bytes = t.stride(0) * t.element_size()
+    return rows <= 1 or (row_bytes > 0 and row_bytes % 16 == 0 and row_bytes < 2**40)
 
 
 def _use_tma(cfg, arch, *operands):
@@ -437,10 +523,17 @@ def _use_tma(cfg, arch, *operands):
 
 def _operand(t, use_tma, block_rows, block_cols):
     # A GEMM operand as the kernel takes it: the tensor itself or a host TMA descriptor whose
-    # block is the tile one desc.load reads (out-of-bounds elements read as zero).
+    # block is the tile one desc.load reads (out-of-bounds elements read as zero). A single row is
+    # never stepped over, so its descriptor states the smallest valid row stride (any stride and
+    # stride(1) the tensor has are then irrelevant).
     if not use_tma:
         return t
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, block_cols])
+    rows, cols = t.shape
+    row_stride = t.stride(0)
+    if rows <= 1:
+        per16 = 16 // t.element_size()
+        row_stride = triton.cdiv(cols, per16) * per16
+    return TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, block_cols])
 
 
 def _dot_flags(dtype):
@@ -483,6 +576,16 @@ def _check_rows(name, t, M, N):
         raise ValueError(f"{name}: expected stride(1) == 1, got {t.stride(1)}")
 
 
+def _check_bias(bias, N):
+    # The kernels index bias as contiguous; ops/linear.py's vector_arg copies any other layout at the
+    # op boundary (the one place the policy lives), so a view reaching here is a caller's bug.
+    if bias.shape != (N,):
+        raise ValueError(f"bias: expected shape {(N,)}, got {tuple(bias.shape)}")
+    if N > 1 and bias.stride(0) != 1:
+        raise ValueError(f"bias: expected a contiguous (N,) tensor (stride 1; the op boundary copies "
+                         f"views with vector_arg), got stride {bias.stride(0)}")
+
+
 def linear_fwd(x, weight, bias, activation, residual, save_preact: bool):
     """y = act(x @ weight.T + bias) + residual -> (y, preact); preact only when saved and act is set."""
     return _linear_fwd(x, weight, bias, activation, residual, save_preact, None)
@@ -496,8 +599,8 @@ def _linear_fwd(x, weight, bias, activation, residual, save_preact, cfg):
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     M, K = x.shape                                                     # (M, K)
     N = weight.shape[0]                                                # weight (N, K)
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias: expected shape {(N,)}, got {tuple(bias.shape)}")
+    if bias is not None:
+        _check_bias(bias, N)
     if residual is not None:
         _check_rows("residual", residual, M, N)
     store_preact = bool(save_preact) and activation is not None
@@ -506,13 +609,11 @@ def _linear_fwd(x, weight, bias, activation, residual, save_preact, cfg):
     if M == 0 or N == 0:
         return y, preact
     arch, num_sms = _device_info(_device_index(x))
-    if cfg is None:
-        cfg = _gemm_config(M, N, K, x.element_size(), arch, num_sms,
-                           activation is not None or residual is not None)
+    cfg, grid = fwd_launch(M, N, K, x.element_size(), arch, num_sms,
+                           activation is not None or residual is not None, cfg)
     upcast, precision = _dot_flags(x.dtype)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     tma = _use_tma(cfg, arch, x, weight, *((residual,) if residual is not None else ()))
-    _linear_fwd_kernel[_grid(cfg, tiles, num_sms)](
+    _linear_fwd_kernel[grid](
         _operand(x, tma, cfg["BLOCK_M"], cfg["BLOCK_K"]),
         _operand(weight, tma, cfg["BLOCK_N"], cfg["BLOCK_K"]),
         bias if bias is not None else y,
@@ -577,17 +678,17 @@ def _linear_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_dw,
             if N == 0:
                 dx.zero_()
             else:
-                cfg = cfg_dx or _gemm_config(M, K, N, x.element_size(), arch, num_sms, True)
-                tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"])
+                cfg, grid = dx_launch(M, N, K, x.element_size(), arch, num_sms, cfg_dx)
                 # The dx GEMM is (M x K) with reduction N: BLOCK_K / BLOCK_N are swapped below.
                 tma = _use_tma(cfg, arch, dy, weight, *((z,) if act else ()))
                 bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_N"]
-                _linear_bwd_dx_kernel[_grid(cfg, tiles, num_sms)](
+                _linear_bwd_dx_kernel[grid](
                     _operand(dy, tma, bm, bn), _operand(z, tma and act != 0, bm, bn),
                     _operand(weight, tma, bn, bk), dx, M, N, K,
                     dy.stride(0), z.stride(0), weight.stride(0),
                     ACTIVATION=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
                     UPCAST_DOT=upcast, DOT_PRECISION=precision, USE_TMA=tma,
+                    INT64_STEPS=_int64_steps(bn * weight.stride(0)),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if needs_dw or has_bias:
         dw = torch.empty((N, K), device=x.device, dtype=weight.dtype)  # (N, K)
@@ -606,32 +707,23 @@ def _linear_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_dw,
 
 
 def _launch_dw(dy, z, x, dw, db, act, M, N, K, arch, num_sms, upcast, precision, cfg, split):
-    # The dW GEMM is (N x K) with reduction M: the config's (BLOCK_M, BLOCK_N, BLOCK_K) are used as
-    # (N tile, K tile, M step).
-    # Always "heavy": dz is built in registers (not streamed from shared memory), and ptxas spills
-    # 128x256 tiles of both gradient GEMMs even without an activation.
-    cfg = cfg or _gemm_config(N, K, M, x.element_size(), arch, num_sms, True)
-    if split is None:
-        split, rows = _split_m(M, N, K, tuple(sorted(cfg.items())), num_sms)
-    else:
-        rows = triton.cdiv(triton.cdiv(M, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        split = triton.cdiv(M, rows)
+    # The dW GEMM is (N x K) with reduction M (see dw_launch).
+    cfg, split, rows, grid, sum_dw, sum_db = dw_launch(M, N, K, x.element_size(), arch, num_sms, cfg, split)
     has_bias = db is not None
     if split == 1:
         dw_out, db_out = dw, db
     else:
         dw_out = torch.empty((split, N, K), device=x.device, dtype=torch.float32)  # (S, N, K)
         db_out = torch.empty((split, N), device=x.device, dtype=torch.float32) if has_bias else None
-    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]) * split
-    _linear_bwd_dw_kernel[_grid(cfg, tiles, num_sms)](
+    _linear_bwd_dw_kernel[grid](
         dy, z, x, dw_out, db_out if has_bias else dw_out, M, N, K, rows, split,
         dy.stride(0), z.stride(0), x.stride(0),
         ACTIVATION=act, HAS_BIAS=has_bias,
         BLOCK_M=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"],
         GROUP_M=cfg["GROUP_M"], UPCAST_DOT=upcast, DOT_PRECISION=precision,
+        INT64_STEPS=_int64_steps(*(cfg["BLOCK_K"] * t.stride(0) for t in (dy, z, x)), split * N),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(N * K, block),)](dw_out, dw, N * K, split, BLOCK=block)
+        _sum_splits_kernel[sum_dw](dw_out, dw, N * K, split, BLOCK=_SUM_BLOCK)
         if has_bias:
-            _sum_splits_kernel[(triton.cdiv(N, block),)](db_out, db, N, split, BLOCK=block)
+            _sum_splits_kernel[sum_db](db_out, db, N, split, BLOCK=_SUM_BLOCK)

@@ -39,16 +39,18 @@ SIGNATURES: dict[str, tuple] = {
     "fl_check_device": (c_i32, [c_i32]),
     # ---------------------------------------------------------------- layer norm
     "fl_layer_norm_fwd": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_ptr, c_ptr, c_i64, c_ptr, c_i64,
-                                  c_ptr, c_ptr, c_i64, c_i64, c_f32, c_i32, c_i32, c_ptr]),
+                                  c_ptr, c_ptr, c_i64, c_i64, c_f32, c_i32, c_i32, c_i32, c_ptr]),
     "fl_layer_norm_bwd_workspace_size": (c_i32, [c_i64, c_i64, c_size_p]),
     "fl_layer_norm_bwd": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_ptr, c_ptr, c_ptr, c_i64,
                                   c_ptr, c_i64, c_ptr, c_ptr, c_ptr, ctypes.c_size_t,
-                                  c_i64, c_i64, c_i32, c_i32, c_ptr]),
+                                  c_i64, c_i64, c_i32, c_i32, c_i32, c_ptr]),
+    "fl_layer_norm_launch_dims": (c_i32, [c_i64, c_i64, c_i32, c_i32, ctypes.POINTER(c_i64),
+                                          ctypes.POINTER(c_i32)]),
     # ---------------------------------------------------------------- attention
     "fl_attention_fwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
                                  c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64, c_ptr,
                                  c_ptr, c_i64, c_i64, c_i64, c_i64, c_i64, c_i64, c_i64,
-                                 c_f32, c_i32, c_f32, c_u64, c_u64, c_i32, c_i32, c_ptr]),
+                                 c_f32, c_i32, c_f32, c_ptr, c_i32, c_i32, c_ptr]),
     "fl_attention_bwd_workspace_size": (c_i32, [c_i64, c_i64, c_i64, c_i64, c_i32, c_size_p]),
     "fl_attention_bwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
                                  c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
@@ -56,7 +58,7 @@ SIGNATURES: dict[str, tuple] = {
                                  c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
                                  c_ptr, c_i64, c_i64, c_i64, c_ptr, ctypes.c_size_t,
                                  c_i64, c_i64, c_i64, c_i64, c_i64,
-                                 c_f32, c_i32, c_f32, c_u64, c_u64, c_i32, c_i32, c_ptr]),
+                                 c_f32, c_i32, c_f32, c_ptr, c_i32, c_i32, c_ptr]),
     "fl_attention_kvcache_workspace_size": (c_i32, [c_i64, c_i64, c_i64, c_i64, c_i64, c_size_p]),
     "fl_attention_kvcache_fwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
                                          c_ptr, c_i64, c_i64, c_i64, c_ptr,
@@ -64,6 +66,7 @@ SIGNATURES: dict[str, tuple] = {
                                          c_ptr, c_i64, c_i64, c_i64, c_ptr, ctypes.c_size_t,
                                          c_i64, c_i64, c_i64, c_i64, c_i64,
                                          c_f32, c_i32, c_i32, c_ptr]),
+    "fl_attention_grid": (c_i32, [c_i32, c_i64, c_i64, c_i64, c_i64, c_i64, c_i64, c_ptr]),
     # ---------------------------------------------------------------- linear
     "fl_linear_fwd": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64,
                               c_i64, c_i64, c_i64, c_i32, c_i32, c_i32, c_ptr]),
@@ -71,6 +74,7 @@ SIGNATURES: dict[str, tuple] = {
                                  c_i64, c_i64, c_i64, c_i32, c_i32, c_ptr]),
     "fl_linear_bwd_dw": (c_i32, [c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64, c_ptr, c_i64, c_ptr,
                                  c_i64, c_i64, c_i64, c_i32, c_i32, c_ptr]),
+    "fl_linear_grid": (c_i32, [c_i32, c_i64, c_i64, c_i64, c_i32, c_i32, ctypes.POINTER(c_i64)]),
 }
 
 
@@ -86,8 +90,9 @@ def _load():
     """Returns (lib, None) or (None, reason). Never raises."""
     path = library_path()
     if not path.exists():
-        return None, (f"{LIB_NAME} is not built ({path} missing): install with nvcc on PATH or "
-                      f"CUDA_HOME set, or run `python setup.py build_cuda`")
+        return None, (f"{LIB_NAME} is not built ({path} missing): the install builds it when it finds "
+                      f"nvcc and an NVIDIA driver; FASTLAYERS_BUILD_CUDA=1 pip install -e . (or "
+                      f"`python setup.py build_cuda`) builds it anyway")
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:

@@ -1,7 +1,11 @@
 """The `fastlayers` command (console entry point fastlayers.cli:main).
 
   fastlayers bench [--ops norm,attention,linear] [--quick] [--out DIR] [--backends ...] [--dtype bf16]
-                   [--no-plot] [--max-seconds S]     measure (see fastlayers.bench.run)
+                   [--device auto|cuda|cpu] [--threads N] [--seed N] [--no-plot] [--max-seconds S]
+                                                     measure (see fastlayers.bench.run); results go to
+                                                     --out DIR, else ~/.cache/fastlayers/bench
+                                                     ($XDG_CACHE_HOME, $FASTLAYERS_BENCH_DIR), never
+                                                     into the source checkout
   fastlayers info                                    backends, CUDA library build info, versions
 `python -m fastlayers.cli ...` is the same command (benchmarks/gpu_check.sh uses it: no PATH assumptions).
 """

@@ -19,9 +19,10 @@ def _flat_norm(module, x: Tensor, rms: bool, eps: float, residual=None):
     if tuple(x.shape[-k:]) != shape:
         raise ValueError(f"x: expected trailing shape {shape} (normalized_shape), got {tuple(x.shape)}")
     n = math.prod(shape)
-    w = module.weight.reshape(n) if module.weight is not None else None
-    b = getattr(module, "bias", None)
-    b = b.reshape(n) if b is not None else None
+    w, b = module.weight, getattr(module, "bias", None)
+    if k > 1:  # 1-D parameters go as they are (no view per call)
+        w = w.reshape(n) if w is not None else None
+        b = b.reshape(n) if b is not None else None
     xf = x.reshape(*x.shape[: x.dim() - k], n) if k > 1 else x
     rf = residual.reshape(xf.shape) if (residual is not None and k > 1) else residual
     out = layer_norm(xf, w, b, eps, residual=rf, rms=rms, backend=module.backend)
@@ -110,6 +111,9 @@ class MultiheadSelfAttention(torch.nn.Module):
         self.out_proj = Linear(embed_dim, embed_dim, bias, None, device, dtype, backend=backend)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        """x: (B, L, E) -> out_proj(attention) + residual, (B, L, E).
+        key_padding_mask: (B, L) bool, True = attend, False = padding -- the opposite of
+        nn.MultiheadAttention's key_padding_mask (True = ignore): pass `~mask` from there."""
         B, L, E = x.shape
         qkv = self.qkv_proj(x).view(B, L, 3, self.num_heads, self.head_dim)        # (B, L, 3, H, D)
         q, k, v = qkv.unbind(2)                                                      # (B, L, H, D) views

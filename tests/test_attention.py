@@ -61,7 +61,7 @@ def test_reference_dropout_semantics():
     o3 = fl.attention(q, k, v, dropout_p=0.25, backend="torch")
     assert torch.equal(o1, o2) and not torch.equal(o1, o3)
     # the mask drops ~p of the elements
-    keep = dropout_keep_mask(123, 0, 4, 4, 64, 64, "cpu", 0.25)
+    keep = dropout_keep_mask(torch.tensor([123, 0]), 4, 4, 64, 64, "cpu", 0.25)
     assert abs(1 - keep.float().mean().item() - 0.25) < 0.02
     # mean over seeds -> the no-dropout output
     qs, ks, vs = (t.detach()[:1, :4, :1] for t in (q, k, v))
@@ -183,7 +183,10 @@ def test_errors_name_the_argument():
 def test_opcheck():
     q, k, v = _qkv(2, 5, 7, 2, 8, torch.float32, "cpu", grad=True)
     mask = torch.rand(2, 7) > 0.2
-    torch.library.opcheck(torch.ops.fastlayers.attention_fwd.default, (q, k, v, mask, 0.4, True, 0.0, False, "torch"))
+    torch.library.opcheck(torch.ops.fastlayers.attention_fwd.default,
+                          (q, k, v, mask, None, 0.4, True, 0.0, False, "torch"))
+    torch.library.opcheck(torch.ops.fastlayers.attention_fwd.default,
+                          (q, k, v, mask, torch.tensor([7, 0]), 0.4, True, 0.3, False, "torch"))
     kc, vc = torch.randn(2, 12, 2, 8), torch.randn(2, 12, 2, 8)
     torch.library.opcheck(torch.ops.fastlayers.attention_with_kvcache.default,
                           (q.detach(), kc, vc, torch.tensor([2, 4], dtype=torch.int32), k.detach()[:, :5],

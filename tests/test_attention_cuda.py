@@ -36,7 +36,7 @@ def _built_lib():
 def test_library_exports_attention_symbols():
     lib = _built_lib()
     assert ATTN_SYMBOLS == ["fl_attention_fwd", "fl_attention_bwd_workspace_size", "fl_attention_bwd",
-                            "fl_attention_kvcache_workspace_size", "fl_attention_kvcache_fwd"]
+                            "fl_attention_kvcache_workspace_size", "fl_attention_kvcache_fwd", "fl_attention_grid"]
     missing = [n for n in ATTN_SYMBOLS if not hasattr(lib, n)]
     assert not missing, f"{_cuda.library_path()} lacks {missing}"
 
@@ -95,19 +95,19 @@ def _ops():
     return attention
 
 
+def _rng(seed, offset):
+    """The dropout state the launchers take: device int64 [seed, offset] (read by the kernels)."""
+    return torch.tensor([seed, offset], dtype=torch.int64, device="cuda")
+
+
 def _keep_mask(seed, offset, B, H, Lq, Lk, device, p):
-    """keep (B, H, Lq, Lk): the Triton module's torch implementation of the spec when present."""
-    try:
-        from fastlayers.kernels.attention import dropout_keep_mask
-    except ImportError:
-        dropout_keep_mask = None
-    if dropout_keep_mask is not None:
-        return dropout_keep_mask(seed, offset, B, H, Lq, Lk, device, p)
-    return _philox_keep(seed, offset, B, H, Lq, Lk, device, p)
+    """keep (B, H, Lq, Lk) from kernels/philox.py, the torch implementation of the spec."""
+    from fastlayers.kernels.philox import dropout_keep_mask
+    return dropout_keep_mask(_rng(seed, offset), B, H, Lq, Lk, device, p)
 
 
 def _philox_keep(seed, offset, B, H, Lq, Lk, device, p):
-    """Own torch re-implementation of the BRIEF's philox4x32-10 spec (int64 arithmetic, masked)."""
+    """Own torch re-implementation of the philox4x32-10 spec (kernels/philox.py) (int64 arithmetic, masked)."""
     M = 0xFFFFFFFF
     c = torch.arange(B * H * Lq * Lk, dtype=torch.int64, device=device).view(B, H, Lq, Lk) + offset
     c0, c1 = c & M, (c >> 32) & M
@@ -174,7 +174,7 @@ def test_fwd_matches_reference(dtype, D, causal, shape):
     B, Lq, Lk, H = shape
     q, k, v = _inputs(B, Lq, Lk, H, D, dtype)
     scale = D ** -0.5
-    o, lse = ops.attention_fwd(q, k, v, None, scale, causal, 0.0, 0, 0)
+    o, lse = ops.attention_fwd(q, k, v, None, scale, causal, 0.0, None)
     o_ref, lse_ref = _reference(q, k, v, None, scale, causal)
     o_same, _ = _reference(q, k, v, None, scale, causal, dtype=dtype)
     assert_close_rule(o, o_ref, o_same, what="o")
@@ -194,7 +194,7 @@ def test_fwd_padding_mask_and_strides(dtype, causal):
     q = qkv[:, :, 0]  # (B, Lq, H, D), non-contiguous
     _, k, v = _inputs(B, Lq, Lk, H, D, dtype)
     kpm = _padding_mask(B, Lk, fully_masked_batch=1)
-    o, lse = ops.attention_fwd(q, k, v, kpm, 0.125, causal, 0.0, 0, 0)
+    o, lse = ops.attention_fwd(q, k, v, kpm, 0.125, causal, 0.0, None)
     o_ref, lse_ref = _reference(q, k, v, kpm, 0.125, causal)
     o_same, _ = _reference(q, k, v, kpm, 0.125, causal, dtype=dtype)
     assert_close_rule(o, o_ref, o_same, what="o")
@@ -213,7 +213,7 @@ def test_dropout_mask_matches_spec(dtype):
     q, k, _ = _inputs(B, Lq, Lk, H, D, dtype)
     v = torch.eye(D, device="cuda", dtype=dtype)[None, :, None, :].expand(B, Lk, H, D).contiguous()
     p, seed, offset = 0.3, 0x1234_5678_9ABC, 12345
-    o, _ = ops.attention_fwd(q, k, v, None, D ** -0.5, False, p, seed, offset)
+    o, _ = ops.attention_fwd(q, k, v, None, D ** -0.5, False, p, _rng(seed, offset))
     kept = (o != 0).permute(0, 2, 1, 3)  # (B, H, Lq, Lk)
     keep = _keep_mask(seed, offset, B, H, Lq, Lk, q.device, p)
     assert torch.equal(kept, keep)
@@ -244,9 +244,9 @@ def test_bwd_matches_reference(dtype, D, causal, deterministic, shape):
     B, Lq, Lk, H = shape
     q, k, v = _inputs(B, Lq, Lk, H, D, dtype)
     scale = D ** -0.5
-    o, lse = ops.attention_fwd(q, k, v, None, scale, causal, 0.0, 0, 0)
+    o, lse = ops.attention_fwd(q, k, v, None, scale, causal, 0.0, None)
     do = torch.randn_like(o)  # (B, Lq, H, D)
-    grads = ops.attention_bwd(do, q, k, v, o, lse, None, scale, causal, 0.0, 0, 0, deterministic)
+    grads = ops.attention_bwd(do, q, k, v, o, lse, None, scale, causal, 0.0, None, deterministic)
     refs = _grads(q, k, v, None, scale, causal, do)
     sames = _grads(q, k, v, None, scale, causal, do, dtype=dtype)
     for name, g, r, s in zip(("dq", "dk", "dv"), grads, refs, sames):
@@ -262,9 +262,9 @@ def test_bwd_padding_dropout(dtype, deterministic):
     q, k, v = _inputs(B, Lq, Lk, H, D, dtype)
     kpm = _padding_mask(B, Lk, fully_masked_batch=2)
     p, seed, offset = 0.2, 987654321, 77
-    o, lse = ops.attention_fwd(q, k, v, kpm, 0.1, True, p, seed, offset)
+    o, lse = ops.attention_fwd(q, k, v, kpm, 0.1, True, p, _rng(seed, offset))
     do = torch.randn_like(o)
-    grads = ops.attention_bwd(do, q, k, v, o, lse, kpm, 0.1, True, p, seed, offset, deterministic)
+    grads = ops.attention_bwd(do, q, k, v, o, lse, kpm, 0.1, True, p, _rng(seed, offset), deterministic)
     keep = _keep_mask(seed, offset, B, H, Lq, Lk, q.device, p)
     refs = _grads(q, k, v, kpm, 0.1, True, do, keep=keep, p=p)
     sames = _grads(q, k, v, kpm, 0.1, True, do, keep=keep, p=p, dtype=dtype)
@@ -280,10 +280,10 @@ def test_bwd_deterministic_is_bitwise_reproducible(dtype):
     ops = _ops()
     B, Lq, Lk, H, D = 2, 300, 200, 4, 64
     q, k, v = _inputs(B, Lq, Lk, H, D, dtype)
-    o, lse = ops.attention_fwd(q, k, v, None, 0.125, False, 0.1, 3, 0)
+    o, lse = ops.attention_fwd(q, k, v, None, 0.125, False, 0.1, _rng(3, 0))
     do = torch.randn_like(o)
-    first = ops.attention_bwd(do, q, k, v, o, lse, None, 0.125, False, 0.1, 3, 0, True)
-    second = ops.attention_bwd(do, q, k, v, o, lse, None, 0.125, False, 0.1, 3, 0, True)
+    first = ops.attention_bwd(do, q, k, v, o, lse, None, 0.125, False, 0.1, _rng(3, 0), True)
+    second = ops.attention_bwd(do, q, k, v, o, lse, None, 0.125, False, 0.1, _rng(3, 0), True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -390,7 +390,7 @@ def test_fwd_wgmma_matches_reference(monkeypatch, dtype, D, causal, shape):
     monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "wgmma")
     B, Lq, Lk, H = shape
     q, k, v = _inputs(B, Lq, Lk, H, D, dtype)
-    o, lse = ops.attention_fwd(q, k, v, None, D ** -0.5, causal, 0.0, 0, 0)
+    o, lse = ops.attention_fwd(q, k, v, None, D ** -0.5, causal, 0.0, None)
     _check_fwd(o, lse, q, k, v, None, D ** -0.5, causal, dtype)
 
 
@@ -398,7 +398,7 @@ def test_fwd_wgmma_matches_reference(monkeypatch, dtype, D, causal, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fwd_wgmma_padding_and_strides(monkeypatch, dtype, D, causal):
+def test_fwd_wgmma_strides_and_auto_padding(monkeypatch, dtype, D, causal):
     ops = _hopper_ops()
     monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "wgmma")
     B, Lq, Lk, H = 3, 150, 200, 2
@@ -406,8 +406,12 @@ def test_fwd_wgmma_padding_and_strides(monkeypatch, dtype, D, causal):
     q = qkv[:, :, 0]  # (B, Lq, H, D) view of a packed qkv buffer
     k = torch.randn(B, H, Lk, D, device="cuda", dtype=dtype).transpose(1, 2)  # (B, Lk, H, D), h stride > l stride
     v = torch.randn(B, Lk, H, D, device="cuda", dtype=dtype)  # (B, Lk, H, D)
+    o, lse = ops.attention_fwd(q, k, v, None, 0.1, causal, 0.0, None)
+    _check_fwd(o, lse, q, k, v, None, 0.1, causal, dtype)
+    # key_padding_mask: TMA would copy masked V rows (NaN there would poison P V): auto runs mma
+    monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "auto")
     kpm = _padding_mask(B, Lk, fully_masked_batch=1)  # batch 1: every row attends no key
-    o, lse = ops.attention_fwd(q, k, v, kpm, 0.1, causal, 0.0, 0, 0)
+    o, lse = ops.attention_fwd(q, k, v, kpm, 0.1, causal, 0.0, None)
     assert (lse[1] == math.inf).all() and (o[1] == 0).all()
     _check_fwd(o, lse, q, k, v, kpm, 0.1, causal, dtype)
 
@@ -420,7 +424,7 @@ def test_fwd_wgmma_agrees_with_mma(monkeypatch, dtype):
     out = {}
     for impl in ("mma", "wgmma", "auto"):
         monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", impl)
-        out[impl] = ops.attention_fwd(q, k, v, None, 0.09, True, 0.0, 0, 0)
+        out[impl] = ops.attention_fwd(q, k, v, None, 0.09, True, 0.0, None)
     assert torch.equal(out["auto"][0], out["wgmma"][0]), "auto must pick the wgmma kernel on sm_90"
     atol = 1e-2 if dtype == torch.float16 else 4e-2  # two kernels, different P roundings
     torch.testing.assert_close(out["wgmma"][0], out["mma"][0], atol=atol, rtol=0)
@@ -433,10 +437,14 @@ def test_fwd_wgmma_explicit_unsupported_raises(monkeypatch):
     monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "wgmma")
     q, k, v = _inputs(1, 64, 64, 2, 64, torch.float16)
     with pytest.raises(RuntimeError, match="wgmma"):
-        ops.attention_fwd(q, k, v, None, 0.125, False, 0.1, 0, 0)  # dropout runs the mma kernel only
+        ops.attention_fwd(q, k, v, None, 0.125, False, 0.1, _rng(0, 0))  # dropout runs the mma kernel only
     q32, k32, v32 = _inputs(1, 64, 64, 2, 32, torch.float16)
     with pytest.raises(RuntimeError, match="wgmma"):
-        ops.attention_fwd(q32, k32, v32, None, 0.125, False, 0.0, 0, 0)
+        ops.attention_fwd(q32, k32, v32, None, 0.125, False, 0.0, None)
     monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "auto")  # auto runs both on the mma kernel
-    o, _ = ops.attention_fwd(q, k, v, None, 0.125, False, 0.1, 0, 0)
+    o, _ = ops.attention_fwd(q, k, v, None, 0.125, False, 0.1, _rng(0, 0))
     assert torch.isfinite(o.float()).all()
+    kpm = torch.ones(1, 64, dtype=torch.bool, device="cuda")
+    monkeypatch.setenv("FASTLAYERS_CUDA_ATTENTION", "wgmma")  # key_padding_mask runs the mma kernel only
+    with pytest.raises(RuntimeError, match="wgmma"):  # on sm_90 the reason names key_padding_mask
+        ops.attention_fwd(q, k, v, kpm, 0.125, False, 0.0, None)

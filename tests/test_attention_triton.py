@@ -70,6 +70,11 @@ def rand(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, device=device).to(dtype)
 
 
+def rng(seed, offset, device="cpu"):
+    """The dropout state the launchers take: int64 [seed, offset] on the inputs' device."""
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
 def strided(x):
     """Same values, non-contiguous b/l/h strides (a slice of a packed (B, L, 3, H, D) tensor)."""
     B, L, H, D = x.shape
@@ -124,7 +129,7 @@ def test_fwd_matches_reference(B, Lq, Lk, H, D, causal, kpm, dtype):
     torch.manual_seed(1)
     q, k, v, mask = make_inputs(B, Lq, Lk, H, D, kpm, dtype)
     scale = D ** -0.5
-    o, lse = A.attention_fwd(q, k, v, mask, scale, causal, 0.0, 0, 0)
+    o, lse = A.attention_fwd(q, k, v, mask, scale, causal, 0.0, None)
     assert o.shape == q.shape and o.dtype == dtype and o.is_contiguous()
     assert lse.shape == (B, H, Lq) and lse.dtype == torch.float32
     ro, rlse = reference(q, k, v, mask, scale, causal)
@@ -142,9 +147,9 @@ def test_bwd_matches_autograd(B, Lq, Lk, H, D, causal, kpm, dtype):
     torch.manual_seed(2)
     q, k, v, mask = make_inputs(B, Lq, Lk, H, D, kpm, dtype)
     scale = D ** -0.5
-    o, lse = A.attention_fwd(q, k, v, mask, scale, causal, 0.0, 0, 0)
+    o, lse = A.attention_fwd(q, k, v, mask, scale, causal, 0.0, None)
     do = strided(rand(B, Lq, H, D, dtype=dtype))
-    dq, dk, dv = A.attention_bwd(do, q, k, v, o, lse, mask, scale, causal, 0.0, 0, 0, True)
+    dq, dk, dv = A.attention_bwd(do, q, k, v, o, lse, mask, scale, causal, 0.0, None, True)
     for ref_dtype in (torch.float64, torch.float32 if dtype == torch.float32 else dtype):
         qr, kr, vr = (t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v))
         ro, _ = reference(qr, kr, vr, mask, scale, causal, dtype=ref_dtype)
@@ -157,13 +162,13 @@ def test_bwd_matches_autograd(B, Lq, Lk, H, D, causal, kpm, dtype):
         assert g.dtype == dtype
         check_close(g, r, s, name, 2 * FLOOR[dtype])
     # deterministic: a second run is bitwise identical
-    again = A.attention_bwd(do, q, k, v, o, lse, mask, scale, causal, 0.0, 0, 0, True)
+    again = A.attention_bwd(do, q, k, v, o, lse, mask, scale, causal, 0.0, None, True)
     assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), again))
 
 
 @cpu_only
 def test_dropout_mask_is_triton_randint():
-    """The torch philox equals tl.randint(seed, int64 c) (the BRIEF's spec), hi words included."""
+    """The torch philox equals tl.randint(seed, int64 c) (the spec of kernels/philox.py), hi words included."""
     @triton.jit
     def randint_kernel(out_ptr, seed, base, n, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
@@ -173,11 +178,11 @@ def test_dropout_mask_is_triton_randint():
                  mask=offs < n)
 
     seed, offset = (7 << 32) + 12345, (3 << 32) - 50  # counters cross a 2**32 boundary
-    u = A.dropout_uniform(seed, offset, 1, 1, 1, 128, "cpu").flatten()
+    u = A.dropout_uniform(rng(seed, offset), 1, 1, 1, 128, "cpu").flatten()
     out = torch.empty(128)
     randint_kernel[(1,)](out, seed, offset, 128, BLOCK=128)
     assert torch.equal(out, u)
-    keep = A.dropout_keep_mask(seed, offset, 1, 1, 1, 128, "cpu", 0.3).flatten()
+    keep = A.dropout_keep_mask(rng(seed, offset), 1, 1, 1, 128, "cpu", 0.3).flatten()
     assert torch.equal(keep, u >= 0.3)
     assert ((u >= 0) & (u < 1)).all()
 
@@ -190,17 +195,17 @@ def test_dropout_fwd_matches_masked_reference(causal, kpm, dtype):
     q, k, v, mask = make_inputs(B, Lq, Lk, H, D, kpm, dtype)
     scale = D ** -0.5
     seed, offset = 2 ** 40 + 99, 12345
-    o1, lse1 = A.attention_fwd(q, k, v, mask, scale, causal, p, seed, offset)
-    o2, lse2 = A.attention_fwd(q, k, v, mask, scale, causal, p, seed, offset)
-    o3, _ = A.attention_fwd(q, k, v, mask, scale, causal, p, seed + 1, offset)
+    o1, lse1 = A.attention_fwd(q, k, v, mask, scale, causal, p, rng(seed, offset))
+    o2, lse2 = A.attention_fwd(q, k, v, mask, scale, causal, p, rng(seed, offset))
+    o3, _ = A.attention_fwd(q, k, v, mask, scale, causal, p, rng(seed + 1, offset))
     assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
     assert not torch.equal(o1, o3)
-    keep = A.dropout_keep_mask(seed, offset, B, H, Lq, Lk, "cpu", p)
+    keep = A.dropout_keep_mask(rng(seed, offset), B, H, Lq, Lk, "cpu", p)
     ro, rlse = reference(q, k, v, mask, scale, causal, keep=keep, p=p)
     so, _ = reference(q, k, v, mask, scale, causal, keep=keep, p=p,
                       dtype=torch.float32 if dtype == torch.float32 else dtype)
     check_close(o1, ro, so, "o", FLOOR[dtype])
-    _, lse_nodrop = A.attention_fwd(q, k, v, mask, scale, causal, 0.0, 0, 0)
+    _, lse_nodrop = A.attention_fwd(q, k, v, mask, scale, causal, 0.0, None)
     assert torch.equal(lse1, lse_nodrop)  # lse is of the undropped scores
 
 
@@ -209,8 +214,8 @@ def test_dropout_mean_over_seeds_approaches_no_dropout():
     torch.manual_seed(4)
     B, Lq, Lk, H, D, p, n = 1, 16, 16, 1, 16, 0.5, 48
     q, k, v, _ = make_inputs(B, Lq, Lk, H, D, False, torch.float32)
-    outs = torch.stack([A.attention_fwd(q, k, v, None, 0.5, False, p, s, 0)[0] for s in range(n)])
-    ref, _ = A.attention_fwd(q, k, v, None, 0.5, False, 0.0, 0, 0)
+    outs = torch.stack([A.attention_fwd(q, k, v, None, 0.5, False, p, rng(s, 0))[0] for s in range(n)])
+    ref, _ = A.attention_fwd(q, k, v, None, 0.5, False, 0.0, None)
     sigma = outs.std(0) / math.sqrt(n)
     assert ((outs.mean(0) - ref).abs() <= 5 * sigma + 1e-5).all()
 
@@ -222,10 +227,11 @@ def test_dropout_bwd_matches_autograd_and_finite_difference():
     q, k, v, mask = make_inputs(B, Lq, Lk, H, D, True, torch.float32)
     mask[-1] = torch.rand(Lk) > 0.3  # keep some keys in the only batch row
     scale, seed, offset = 0.3, 2024, 777
-    o, lse = A.attention_fwd(q, k, v, mask, scale, causal, p, seed, offset)
+    st = rng(seed, offset)
+    o, lse = A.attention_fwd(q, k, v, mask, scale, causal, p, st)
     do = rand(B, Lq, H, D)
-    dq, dk, dv = A.attention_bwd(do, q, k, v, o, lse, mask, scale, causal, p, seed, offset, False)
-    keep = A.dropout_keep_mask(seed, offset, B, H, Lq, Lk, "cpu", p)
+    dq, dk, dv = A.attention_bwd(do, q, k, v, o, lse, mask, scale, causal, p, st, False)
+    keep = A.dropout_keep_mask(st, B, H, Lq, Lk, "cpu", p)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     ro, _ = reference(qr, kr, vr, mask, scale, causal, keep=keep, p=p)
     ro.backward(do.double())
@@ -238,8 +244,8 @@ def test_dropout_bwd_matches_autograd_and_finite_difference():
         x_c = x.contiguous()
         plus = [t if t is not x else (x_c + eps * dirn) for t in (q, k, v)]
         minus = [t if t is not x else (x_c - eps * dirn) for t in (q, k, v)]
-        fp = (A.attention_fwd(*plus, mask, scale, causal, p, seed, offset)[0].double() * do).sum()
-        fm = (A.attention_fwd(*minus, mask, scale, causal, p, seed, offset)[0].double() * do).sum()
+        fp = (A.attention_fwd(*plus, mask, scale, causal, p, st)[0].double() * do).sum()
+        fm = (A.attention_fwd(*minus, mask, scale, causal, p, st)[0].double() * do).sum()
         fd = ((fp - fm) / (2 * eps)).item()
         an = (g.double() * dirn).sum().item()
         assert abs(fd - an) <= 2e-3 * max(1.0, abs(an)), (fd, an)
@@ -320,10 +326,10 @@ def _gpu_check(B, Lq, Lk, H, D, causal, kpm, dtype, bwd):
     torch.manual_seed(10)
     q, k, v, mask = make_inputs(B, Lq, Lk, H, D, kpm, dtype, device="cuda")
     scale = D ** -0.5
-    o, lse = A.attention_fwd(q, k, v, mask, scale, causal, 0.0, 0, 0)
+    o, lse = A.attention_fwd(q, k, v, mask, scale, causal, 0.0, None)
     do = rand(B, Lq, H, D, dtype=dtype, device="cuda")
     if bwd:
-        grads = A.attention_bwd(do, q, k, v, o, lse, mask, scale, causal, 0.0, 0, 0, True)
+        grads = A.attention_bwd(do, q, k, v, o, lse, mask, scale, causal, 0.0, None, True)
     # references per batch row in fp32 (oracle) and in dtype (torch's own error)
     for b in range(B):
         sl = slice(b, b + 1)
@@ -389,16 +395,16 @@ def test_gpu_dropout(dtype):
     torch.manual_seed(12)
     B, L, H, D, p = 2, 256, 4, 64, 0.2
     q, k, v, _ = make_inputs(B, L, L, H, D, False, dtype, device="cuda")
-    seed, offset = 2 ** 35 + 3, 2 ** 33
-    o, lse = A.attention_fwd(q, k, v, None, D ** -0.5, True, p, seed, offset)
-    keep = A.dropout_keep_mask(seed, offset, B, H, L, L, "cuda", p)
+    st = rng(2 ** 35 + 3, 2 ** 33, "cuda")
+    o, lse = A.attention_fwd(q, k, v, None, D ** -0.5, True, p, st)
+    keep = A.dropout_keep_mask(st, B, H, L, L, "cuda", p)
     frac = keep.float().mean().item()
     assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel())
     r32, _ = reference(q, k, v, None, D ** -0.5, True, keep=keep, p=p, dtype=torch.float32)
     rd, _ = reference(q, k, v, None, D ** -0.5, True, keep=keep, p=p, dtype=dtype)
     check_close(o, r32.double(), rd, "o", FLOOR[dtype])
     do = torch.randn_like(o)
-    dq, dk, dv = A.attention_bwd(do, q, k, v, o, lse, None, D ** -0.5, True, p, seed, offset, False)
+    dq, dk, dv = A.attention_bwd(do, q, k, v, o, lse, None, D ** -0.5, True, p, st, False)
     ins32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
     insd = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     reference(*ins32, None, D ** -0.5, True, keep=keep, p=p, dtype=torch.float32)[0].backward(do.float())

@@ -1,12 +1,28 @@
 """CPU tests of the benchmark harness (fastlayers.bench) and the `fastlayers` CLI.
 
-- `fastlayers bench --quick --device cpu` runs the small torch-backend configuration and writes valid
-  JSON with the environment header (one run per module, in a tmp dir; a few seconds).
+- `fastlayers bench --quick --device cpu` runs the model-sized CPU configuration of the torch
+  backend and writes valid JSON with the environment header, every row's error, the backends that
+  ran, and the torch backend's ratio to the native call per op (one run per module, in a tmp dir).
+- a plain run (no --out) writes only under the documented per-user folder, never into the checkout,
+  says where, and never imports torch._dynamo.
+- every row is checked against its baseline on the same inputs: deliberately wrong stand-in ops (the
+  LayerNorm rows running RMSNorm, a dropped causal flag / mask / activation / residual, a wrong
+  backward, a decode reading unused cache slots) make exactly their rows FAILED, with no speed; correct
+  stand-ins that record their arguments prove every row's label matches what it asks for; the
+  baseline rows are checked against float64 oracles written from the case labels alone.
 - the FLOP / byte formulas match DESIGN.md ("Measuring") on hand-computed cases.
-- the runner classifies rows: ok (with the backend that ran), unsupported, not available, error --
-  with stand-in ops, so it does not depend on the state of the real kernels.
+- the runner classifies rows: ok (with the backend that ran), unsupported, not available, error,
+  FAILED, unverified -- with stand-in ops, so it does not depend on the state of the real kernels.
 """
+import contextlib
+import io
 import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,49 +30,98 @@ import torch.nn.functional as F
 
 import fastlayers as fl
 from fastlayers import cli
-from fastlayers.bench import formulas, harness, norm, readme_table
+from fastlayers.bench import attention, formulas, harness, linear, norm, readme_table, report, run
 from fastlayers.bench.impls import Config
 
-ENV_KEYS = {"card", "driver", "cuda", "torch", "triton", "python", "git_commit", "fastlayers", "date"}
+ROOT = Path(__file__).resolve().parents[1]
+ENV_KEYS = {"card", "driver", "cuda", "torch", "triton", "python", "git_commit", "fastlayers", "date",
+            "backends_requested", "out_dir", "seed"}
+GROUPS = {"norm": norm, "attention": attention, "linear": linear}
+SPEED_KEYS = ("time_ms", "rate", "fraction_of_peak", "speedup_vs_eager", "time_ratio_vs_eager", "baseline_time_ms")
+
+
+def _cli(argv) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(argv)
+    return rc, buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    import contextlib
-    import io
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(["bench", "--quick", "--device", "cpu", "--no-plot", "--out", str(out)])
-    return rc, buf.getvalue(), out
+    rc, stdout = _cli(["bench", "--quick", "--device", "cpu", "--no-plot", "--out", str(out)])
+    return rc, stdout, out
 
+
+# ---------------------------------------------------------------------------------------------
+# the real CLI run (torch backend, real ops)
 
 def test_cli_bench_quick_cpu_writes_json(cpu_run):
     rc, stdout, out = cpu_run
-    assert "running a small CPU configuration of the torch backend (numbers are not GPU figures)" in stdout
+    assert "device: cpu" in stdout and "numbers are not GPU figures" in stdout
+    assert "fastlayers backends asked for: torch" in stdout
+    assert f"results folder: {out}" in stdout
+    failing = []
     for group in ("norm", "attention", "linear"):
         latest = out / f"{group}-latest.json"
         dated = [p for p in out.glob(f"{group}-cpu-*.json")]
         assert latest.exists() and len(dated) == 1, sorted(p.name for p in out.iterdir())
         doc = json.loads(latest.read_text())
         assert doc == json.loads(dated[0].read_text())
-        assert doc["group"] == group and doc["schema"] == 1
+        assert doc["group"] == group and doc["schema"] == report.SCHEMA
         assert ENV_KEYS <= set(doc["env"]), ENV_KEYS - set(doc["env"])
-        assert doc["env"]["torch"] == torch.__version__
-        assert doc["env"]["git_commit"]  # a hash or "unknown"
+        assert doc["env"]["torch"] == torch.__version__ and doc["env"]["dtype"] == "float32"
+        assert doc["env"]["backends_requested"] == ["torch"] and doc["env"]["git_commit"]
+        assert doc["tolerances"]["float32"] == harness.TOLERANCE[torch.float32]
         rows = doc["rows"]
         eager = [r for r in rows if r["impl"] == "torch eager"]
-        assert eager and all(r["status"] == "ok" and r["time_ms"] > 0 and r["speedup_vs_eager"] == 1.0
-                             for r in eager)
+        assert eager and all(r["reference"] and r["status"] == "ok" and r["time_ms"] > 0
+                             and r["speedup_vs_eager"] == 1.0 and r["error"] == 0.0 for r in eager)
         fl_rows = [r for r in rows if r["impl"] == "fastlayers[torch]"]
-        assert fl_rows
+        assert fl_rows and len(fl_rows) == len(eager)
         for r in fl_rows:
-            assert r["status"] == "ok" or r["status"].startswith("not available"), r
+            assert r["baseline"] == "torch eager" and r["tolerance"] == harness.TOLERANCE[torch.float32], r
             if r["status"] == "ok":
-                assert r["backend_ran"] == "torch" and r["rate"] > 0
+                assert r["backend_ran"] == "torch" and r["rate"] > 0 and r["error"] <= r["tolerance"], r
+                assert r["time_ratio_vs_eager"] == pytest.approx(1 / r["speedup_vs_eager"])
+                if r["unit"] != "us/call":       # timed alternately with its baseline: the ratio's base
+                    assert r["time_ratio_vs_eager"] == pytest.approx(r["time_ms"] / r["baseline_time_ms"])
+                if r["unit"] != "us/call":
+                    assert r["goal"] == {"max_time_ratio": report.GOAL_TIME_RATIO,
+                                         "met": r["time_ratio_vs_eager"] <= report.GOAL_TIME_RATIO}
+            else:
+                assert r["status"].startswith(("FAILED", "error")), r
+                assert all(r[k] is None for k in SPEED_KEYS), r
+                failing.append(r)
+        assert doc["backends_ran"] == {"fastlayers[torch]": ["torch"]}
         assert f"== {group}" in stdout
+    assert "fastlayers backends that ran (fl.last_backend): fastlayers[torch] -> torch" in stdout
     # any failing fastlayers row makes the exit status 1
-    assert rc == 0
+    assert rc == (1 if failing else 0)
+
+
+def test_cli_bench_cpu_shows_each_op_against_its_native_call(cpu_run):
+    _, stdout, out = cpu_run
+    summary = stdout[stdout.index("torch backend vs the native torch call"):]
+    for op, native in (("layer_norm", "F.layer_norm"), ("rms_norm", "F.rms_norm"),
+                       ("attention padding mask", "SDPA bool attn_mask"),
+                       ("attention causal", "SDPA is_causal=True"),
+                       ("attention_with_kvcache", "SDPA on the valid cache slice"),
+                       ("linear + gelu", "F.linear + F.gelu")):
+        lines = [line for line in summary.splitlines() if line.startswith(op + " ") and native in line]
+        assert lines, (op, native, summary)
+    assert "goal: within 1.2x" in summary
+
+
+def test_cpu_bench_torch_backend_rows_pass(cpu_run):
+    """The torch backend computes what its native call computes, on every CPU row (a FAILED row
+    here is a real fault of the op, e.g. NaN in unused KV-cache slots leaking into the output)."""
+    _, _, out = cpu_run
+    bad = [(r["variant"], report.case_label(g, r["case"]), r["status"])
+           for g in GROUPS for r in json.loads((out / f"{g}-latest.json").read_text())["rows"]
+           if r["impl"] == "fastlayers[torch]" and r["status"] != "ok"]
+    assert not bad, bad
 
 
 def test_readme_table_from_cpu_json(cpu_run, capsys):
@@ -66,6 +131,66 @@ def test_readme_table_from_cpu_json(cpu_run, capsys):
     assert readme_table.main(["--results", str(out), "--include-cpu"]) == 0
     text = capsys.readouterr().out
     assert "| variant | case | unit |" in text and "torch eager" in text and "not GPU figures" in text
+    # as a script from the checkout, too (it imports no torch)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_table.py"), "--results", str(out),
+                           "--include-cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == text.strip(), proc.stderr[-2000:]
+
+
+_WRITE_AUDIT = r"""
+import json, os, sys
+written = []
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if isinstance(path, int):
+            return
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & WRITE_FLAGS):
+            written.append(os.fsdecode(path))
+    elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "shutil.copyfile"):
+        written.extend(os.fsdecode(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike)))
+sys.addaudithook(hook)
+from fastlayers import cli
+rc = cli.main(["bench", "--quick", "--device", "cpu", "--ops", "norm"])
+print("RESULT " + json.dumps({"rc": rc, "written": [os.path.realpath(p) for p in written],
+                              "dynamo": "torch._dynamo" in sys.modules}))
+"""
+
+
+def test_plain_bench_run_writes_only_to_the_default_folder(tmp_path):
+    """No --out: results go to $XDG_CACHE_HOME/fastlayers/bench, the path is printed, nothing is
+    written into the checkout (run from its root), and torch._dynamo is never imported."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTLAYERS_BENCH_DIR", "MPLCONFIGDIR")}
+    env.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    proc = subprocess.run([sys.executable, "-c", _WRITE_AUDIT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    default = (tmp_path / "xdg" / "fastlayers" / "bench").resolve()
+    assert f"results folder: {default}" in proc.stdout
+    assert (default / "norm-latest.json").exists(), proc.stdout[-2000:]
+    root = str(ROOT.resolve()) + os.sep
+    into_checkout = [p for p in result["written"] if p.startswith(root) and "__pycache__" not in p]
+    assert not into_checkout, into_checkout
+    ours = [p for p in result["written"] if p.startswith(str(default))]
+    assert any(p.endswith("norm-latest.json") for p in ours), result["written"]
+    assert not result["dynamo"], "fastlayers bench imported torch._dynamo without a compile row"
+
+
+def test_default_out_dir_is_per_user_and_documented(monkeypatch, tmp_path):
+    monkeypatch.delenv("FASTLAYERS_BENCH_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    assert run.default_out_dir() == tmp_path / "c" / "fastlayers" / "bench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert run.default_out_dir() == Path.home() / ".cache" / "fastlayers" / "bench"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")          # the XDG spec: relative paths are ignored
+    assert run.default_out_dir() == Path.home() / ".cache" / "fastlayers" / "bench"
+    monkeypatch.setenv("FASTLAYERS_BENCH_DIR", str(tmp_path / "mine"))
+    assert run.default_out_dir() == tmp_path / "mine"
+    # gpu_check.sh names its own folder
+    assert '--out "$BENCH_DIR"' in (ROOT / "benchmarks" / "gpu_check.sh").read_text()
 
 
 def test_cli_info_runs(capsys):
@@ -74,6 +199,449 @@ def test_cli_info_runs(capsys):
     assert "backends:" in text or "available_backends is not defined" in text
     assert "torch" in text
 
+
+# ---------------------------------------------------------------------------------------------
+# stand-in ops: correct or deliberately wrong, recording what each call asked for
+
+class StandIns:
+    """Differentiable torch compositions with fastlayers' signatures. `fault` makes one wrong."""
+
+    def __init__(self, fault: str | None = None, ran: str | None = None):
+        self.fault, self.ran = fault, ran
+        self.calls: list = []
+        self.last: dict = {}
+
+    def _record(self, op, backend, **kw):
+        self.calls.append((op, dict(kw, backend=backend)))
+        self.last[op] = self.ran or backend or "torch"
+
+    def layer_norm(self, x, weight, bias=None, eps=1e-5, *, residual=None, rms=False, backend=None):
+        self._record("layer_norm", backend, x=x, bias=bias, residual=residual, rms=rms)
+        s = x + residual if residual is not None else x
+        if self.fault == "layer_norm runs rms_norm":
+            rms = True
+        if self.fault == "layer_norm wrong weight grad":
+            weight = weight.detach() + 0 * weight          # forward right, d/dweight = 0
+        y = F.rms_norm(s, (s.shape[-1],), weight, eps) if rms else F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+        if residual is None:
+            return y
+        return (y, x) if self.fault == "layer_norm returns x, not x + residual" else (y, s)
+
+    def attention(self, q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, dropout_p=0.0,
+                  backend=None):
+        self._record("attention", backend, q=q, causal=causal, key_padding_mask=key_padding_mask)
+        if self.fault == "attention ignores causal":
+            causal = False
+        if self.fault == "attention ignores key_padding_mask":
+            key_padding_mask = None
+        m = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m,
+                                           is_causal=causal, scale=softmax_scale)
+        return o.transpose(1, 2)
+
+    def attention_with_kvcache(self, q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, causal=True,
+                               softmax_scale=None, backend=None):
+        self._record("attention_with_kvcache", backend, q=q, k_cache=k_cache, cache_seqlens=cache_seqlens,
+                     k_new=k_new, causal=causal)
+        outs = []
+        for b in range(q.shape[0]):
+            n = k_cache.shape[1] if self.fault == "decode attends every slot" else int(cache_seqlens[b])
+            k, v = k_cache[b:b + 1, :n], v_cache[b:b + 1, :n]
+            outs.append(F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k.transpose(1, 2),
+                                                       v.transpose(1, 2), scale=softmax_scale).transpose(1, 2))
+        return torch.cat(outs)
+
+    def linear(self, x, weight, bias=None, *, activation=None, residual=None, backend=None):
+        self._record("linear", backend, x=x, weight=weight, bias=bias, activation=activation, residual=residual)
+        y = F.linear(x, weight, bias)
+        if self.fault != "linear drops the activation":
+            y = {None: lambda t: t, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+                 "relu": F.relu}[activation](y)
+        if residual is not None and self.fault != "linear drops the residual":
+            y = y + residual
+        return y
+
+    def install(self, monkeypatch, available=("torch", "triton", "cuda")):
+        for op in ("layer_norm", "attention", "attention_with_kvcache", "linear"):
+            monkeypatch.setattr(fl, op, getattr(self, op), raising=False)
+        monkeypatch.setattr(fl, "last_backend", lambda op: self.last.get(op), raising=False)
+        monkeypatch.setattr(fl, "available_backends",
+                            lambda: {b: {"available": b in available, "reason": None if b in available else "no"}
+                                     for b in ("torch", "triton", "cuda")}, raising=False)
+        return self
+
+
+def _small_shapes(monkeypatch) -> None:
+    """Small cases for the stand-in tests: what they check (labels, arguments, the check's verdict)
+    does not depend on the size, and the CPU time does."""
+    monkeypatch.setattr(norm, "shapes", lambda cfg: [(64, 96)])
+    monkeypatch.setattr(attention, "train_shapes", lambda cfg: [(2, 64, 2, 32)])
+    monkeypatch.setattr(attention, "decode_shapes", lambda cfg: [(2, 64, 2, 32)])
+    monkeypatch.setattr(linear, "shapes", lambda cfg: [(32, 48, 64, False), (32, 64, 48, True)])
+
+
+def _cfg(dtype=torch.float32, backends=("torch",)):
+    return Config(device=torch.device("cpu"), dtype=dtype, quick=True, backends=list(backends))
+
+
+def _runner():
+    return harness.Runner(torch.device("cpu"), quick=True, peaks=None, cpu_min_seconds=0.0)
+
+
+FAULTS = {
+    # fault -> (group, which rows of that group it must fail: predicate on (case, variant))
+    "layer_norm runs rms_norm": ("norm", lambda c, v: c["norm"] == "layer"),
+    "layer_norm wrong weight grad": ("norm", lambda c, v: v == "bwd"),
+    "layer_norm returns x, not x + residual": ("norm", lambda c, v: v == "fwd_residual"),
+    "attention ignores causal": ("attention", lambda c, v: c.get("mask") == "causal"),
+    "attention ignores key_padding_mask": ("attention", lambda c, v: c.get("mask") == "padding"),
+    "decode attends every slot": ("attention", lambda c, v: v == "decode"),
+    "linear drops the activation": ("linear", lambda c, v: True),
+    "linear drops the residual": ("linear", lambda c, v: c["residual"]),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_wrong_implementation_is_failed_and_never_timed(monkeypatch, fault):
+    group, should_fail = FAULTS[fault]
+    StandIns(fault).install(monkeypatch)
+    _small_shapes(monkeypatch)
+    rows = harness.run_jobs(_runner(), GROUPS[group].jobs(_cfg()))
+    fl_rows = [r for r in rows if r["impl"] == "fastlayers[torch]"]
+    expected = [should_fail(r["case"], r["variant"]) for r in fl_rows]
+    assert any(expected) and fl_rows
+    for r, fail in zip(fl_rows, expected):
+        if fail:
+            assert r["status"].startswith("FAILED: "), (fault, r)
+            assert all(r[k] is None for k in SPEED_KEYS), r          # never reported as a speed
+            assert "vs torch eager" in r["status"]
+        else:
+            assert r["status"] == "ok" and r["error"] <= r["tolerance"], (fault, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layer_rows_running_rms_norm_fail_at_every_dtype(monkeypatch, tmp_path, dtype):
+    """The bug `fastlayers bench` shipped with: its LayerNorm rows ran RMSNorm. Through the CLI: the
+    table says FAILED, the JSON has no speed, the exit status is 1."""
+    StandIns("layer_norm runs rms_norm").install(monkeypatch)
+    _small_shapes(monkeypatch)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    rc, stdout = _cli(["bench", "--quick", "--device", "cpu", "--ops", "norm", "--dtype", name, "--no-plot",
+                       "--out", str(tmp_path)])
+    assert rc == 1
+    rows = json.loads((tmp_path / "norm-latest.json").read_text())["rows"]
+    for r in rows:
+        if r["impl"] != "fastlayers[torch]":
+            continue
+        if r["case"]["norm"] == "layer":
+            assert r["status"].startswith("FAILED") and r["error"] > 4 * r["tolerance"], r
+            assert all(r[k] is None for k in SPEED_KEYS)
+        else:
+            assert r["status"] == "ok", r
+    table = [line for line in stdout.splitlines() if "fastlayers[torch]" in line and " layer " in line]
+    assert table and all("FAILED" in line and " - " in line for line in table), table
+
+
+def _check_call(group, case, variant, op, kw, backend):
+    """The arguments a fastlayers row passed agree with its label."""
+    assert kw["backend"] == backend
+    if group == "norm":
+        assert op == "layer_norm"
+        assert kw["rms"] == (case["norm"] == "rms")
+        assert (kw["residual"] is not None) == (variant == "fwd_residual")
+        assert (kw["bias"] is None) == (case["norm"] == "rms")
+        assert tuple(kw["x"].shape) == (case["rows"], case["hidden"])
+    elif group == "attention" and variant == "decode":
+        assert op == "attention_with_kvcache"
+        assert tuple(kw["q"].shape) == (case["batch"], case["q_len"], case["heads"], case["head_dim"])
+        assert tuple(kw["k_cache"].shape) == (case["batch"], case["max_len"], case["heads"], case["head_dim"])
+        assert kw["cache_seqlens"].tolist() == [case["cache"]] * case["batch"] and kw["k_new"] is None
+    elif group == "attention":
+        assert op == "attention"
+        assert kw["causal"] == (case["mask"] == "causal")
+        assert (kw["key_padding_mask"] is not None) == (case["mask"] == "padding")
+        assert tuple(kw["q"].shape) == (case["batch"], case["seqlen"], case["heads"], case["head_dim"])
+    elif group == "linear":
+        assert op == "linear"
+        assert kw["activation"] == case["activation"]
+        assert (kw["residual"] is not None) == case["residual"] and (kw["bias"] is not None) == case["bias"]
+        assert tuple(kw["x"].shape) == (case["M"], case["K"]) and tuple(kw["weight"].shape) == (case["N"], case["K"])
+
+
+def _gpu_job_lists(monkeypatch) -> Config:
+    """The GPU configuration's job lists (every baseline, both kernel backends), at small shapes on
+    CPU tensors: its code paths run here, though its kernels and timers cannot."""
+    class Props:
+        total_memory = 80 * 2**30
+    monkeypatch.setattr(Config, "gpu", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    _small_shapes(monkeypatch)
+    monkeypatch.setattr(attention, "train_shapes", lambda cfg: [(2, 64, 2, 32), (1, 48, 2, 16)])
+    return Config(device=torch.device("cpu"), dtype=torch.float32, quick=False, backends=["triton", "cuda"])
+
+
+@pytest.mark.parametrize("lists", ["cpu", "gpu"])
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_every_fastlayers_row_asks_for_what_its_label_says(monkeypatch, group, lists):
+    """...and every other row (baselines, third-party, SDPA pinned to a backend, the plain GEMM)
+    passes its check or says why it did not run. torch.compile rows are built, not run (minutes)."""
+    spy = StandIns().install(monkeypatch)
+    _small_shapes(monkeypatch)
+    cfg = _gpu_job_lists(monkeypatch) if lists == "gpu" else _cfg(backends=("torch", "triton"))
+    jobs = GROUPS[group].jobs(cfg)
+    if lists == "gpu":
+        assert any(j.impl == "torch.compile" for j in jobs)
+        jobs = [j for j in jobs if not j.impl.startswith("torch.compile")]
+    runner = _runner()
+    n = 0
+    for job in jobs:
+        spy.calls.clear()
+        row = runner.run(job)
+        if not job.impl.startswith(("fastlayers", "torch eager")):
+            assert row["status"] == "ok" or row["status"].startswith(("unsupported", "not available")), row
+            continue
+        assert row["status"] == "ok", row
+        if job.impl.startswith("fastlayers"):
+            assert spy.calls, job.impl
+            for op, kw in spy.calls:
+                _check_call(group, job.case, job.variant, op, kw, job.fl_backend)
+            assert row["backend_ran"] == job.fl_backend and row["baseline"] == "torch eager"
+            n += 1
+        else:
+            assert not spy.calls, (job.impl, "a baseline row called a fastlayers op")
+    assert n
+
+
+# float64 oracles written from the case labels alone (not from the harness's code)
+
+def _oracle(group, case, variant, d):
+    d = {k: (v.double() if v.is_floating_point() else v) for k, v in d.items()}
+    if group == "norm":
+        s = d["x"] + d["r"] if variant == "fwd_residual" else d["x"]
+        if case["norm"] == "rms":
+            y = s / torch.sqrt((s * s).mean(-1, keepdim=True) + norm.EPS) * d["w"]
+        else:
+            mu = s.mean(-1, keepdim=True)
+            y = (s - mu) / torch.sqrt(((s - mu) ** 2).mean(-1, keepdim=True) + norm.EPS) * d["w"] + d["b"]
+        return [y, s] if variant == "fwd_residual" else [y]
+    if group == "attention":
+        if variant == "decode":
+            n = case["cache"]
+            q, k, v, allow = d["q"], d["k_cache"][:, :n], d["v_cache"][:, :n], None
+        else:
+            q, k, v = d["q"], d["k"], d["v"]
+            L = case["seqlen"]
+            allow = torch.ones(case["batch"], 1, L, L, dtype=torch.bool)
+            if case["mask"] == "causal":
+                allow = allow & torch.ones(L, L, dtype=torch.bool).tril()
+            if case["mask"] == "padding":
+                lens = torch.tensor(attention.padding_lengths(case["batch"], L))
+                allow = allow & (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :]
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        if allow is not None:
+            s = s.masked_fill(~allow, float("-inf"))
+        return [torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)]
+    if group == "linear":
+        z = d["x"] @ d["w"].T + d["b"]
+        y = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+        return [y + d["r"] if case["residual"] else y]
+    raise AssertionError(group)
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_every_baseline_row_computes_what_its_label_says(group):
+    seen = 0
+    for job in GROUPS[group].jobs(_cfg()):
+        if not job.is_reference or harness._kind(job.variant) != "fwd":
+            continue
+        d = job.make_inputs()
+        with torch.no_grad():
+            out = harness._tensors(job.build()(d))
+        expect = _oracle(group, job.case, job.variant, d)
+        assert len(out) == len(expect), (job.case, job.variant)
+        for o, e in zip(out, expect):
+            err = (o.double() - e).abs().max().item() / e.abs().max().item()
+            assert err < 1e-5, (job.case, job.variant, err)
+        seen += 1
+    assert seen
+
+
+def test_layer_norm_and_rms_norm_differ_on_the_bench_inputs():
+    """The check can only catch a mix-up its inputs expose: on the norm rows' inputs the two norms
+    differ by far more than the loosest (bf16) tolerance."""
+    for job in norm.jobs(_cfg(torch.bfloat16)):
+        if job.is_reference and job.variant == "fwd" and job.case["norm"] == "layer":
+            d = {k: v.float() for k, v in job.make_inputs().items()}
+            ln = F.layer_norm(d["x"], d["x"].shape[-1:], d["w"], d["b"])
+            rms = F.rms_norm(d["x"], d["x"].shape[-1:], d["w"])
+            assert ((ln - rms).abs().max() / ln.abs().max()).item() > 4 * harness.TOLERANCE[torch.bfloat16]
+            return
+    raise AssertionError("no LayerNorm row")
+
+
+# ---------------------------------------------------------------------------------------------
+# header and JSON: the backends asked for and the backends that ran
+
+def test_header_and_json_state_the_backends_that_ran(monkeypatch, tmp_path):
+    StandIns().install(monkeypatch)
+    _small_shapes(monkeypatch)
+    rc, stdout = _cli(["bench", "--quick", "--device", "cpu", "--ops", "norm", "--backends", "triton", "--no-plot",
+                       "--out", str(tmp_path)])
+    assert rc == 0, stdout
+    assert "fastlayers backends asked for: triton" in stdout
+    assert "torch backend" not in stdout.split("\n== ")[0]          # the header claims no other backend
+    assert "fastlayers backends that ran (fl.last_backend): fastlayers[triton] -> triton" in stdout
+    doc = json.loads((tmp_path / "norm-latest.json").read_text())
+    assert doc["env"]["backends_requested"] == ["triton"]
+    assert doc["backends_ran"] == {"fastlayers[triton]": ["triton"]}
+    assert {r["backend_ran"] for r in doc["rows"] if r["impl"].startswith("fastlayers")} == {"triton"}
+    assert "torch backend vs the native torch call" not in stdout    # the CPU goal is about the torch backend
+
+
+def test_a_row_whose_op_ran_another_backend_is_an_error(monkeypatch):
+    StandIns(ran="torch").install(monkeypatch)                    # asked triton, records torch
+    _small_shapes(monkeypatch)
+    rows = harness.run_jobs(_runner(), norm.jobs(_cfg(backends=("triton",)))[:2])
+    assert rows[1]["status"].startswith("error:") and "says 'torch' ran" in rows[1]["status"]
+    assert all(rows[1][k] is None for k in SPEED_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------
+# the runner: classification, baselines on the same inputs, compare()
+
+def test_runner_classifies_rows_with_stand_in_ops(monkeypatch):
+    """ok (backend recorded), unsupported (BackendUnavailableError), error (ValueError / TypeError
+    from a fastlayers op: a wrong call is a bug, not "unsupported"; a crash), not available."""
+    spy = StandIns().install(monkeypatch)
+    _small_shapes(monkeypatch)
+    real = spy.layer_norm
+
+    def stand_in(x, weight, bias=None, eps=1e-5, *, residual=None, rms=False, backend=None):
+        if backend == "cuda":
+            raise fl.BackendUnavailableError("layer_norm: backend 'cuda' cannot run this case: CPU tensor")
+        if backend == "triton":
+            raise ValueError("layer_norm: weight must have shape (768,), got (2,)")
+        return real(x, weight, bias, eps, residual=residual, rms=rms, backend=backend)
+    monkeypatch.setattr(fl, "layer_norm", stand_in)
+    cfg = _cfg(backends=("torch", "triton", "cuda"))
+    jobs = [j for j in norm.jobs(cfg) if j.case.get("norm") == "layer" and j.variant in ("fwd", "bwd")]
+    rows = {(r["variant"], r["impl"]): r for r in harness.run_jobs(_runner(), jobs)}
+    for v in ("fwd", "bwd"):
+        assert rows[(v, "torch eager")]["status"] == "ok"
+        ok = rows[(v, "fastlayers[torch]")]
+        assert ok["status"] == "ok" and ok["backend_ran"] == "torch" and ok["speedup_vs_eager"] > 0
+        assert ok["error"] == 0.0                                    # same composition, same inputs
+        assert rows[(v, "fastlayers[cuda]")]["status"].startswith("unsupported: BackendUnavailableError")
+        assert rows[(v, "fastlayers[triton]")]["status"].startswith("error: ValueError: layer_norm: weight")
+
+    def wrong_signature(x, weight, bias=None, eps=1e-5, *, backend=None):   # no residual/rms kwargs
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    monkeypatch.setattr(fl, "layer_norm", wrong_signature)
+    jobs = [j for j in norm.jobs(_cfg()) if j.variant == "fwd" and j.case["norm"] == "layer"]
+    assert harness.run_jobs(_runner(), jobs)[1]["status"].startswith("error: TypeError")
+
+    # a backend the registry marks unavailable, and an op missing from the build
+    monkeypatch.setattr(fl, "available_backends", lambda: {"torch": {"available": True, "reason": None},
+                                                           "cuda": {"available": False, "reason": "not built"}})
+    assert [j.skip for j in norm.jobs(_cfg(backends=("cuda",))) if j.impl == "fastlayers[cuda]"][0] \
+        == "not available: not built"
+    monkeypatch.delattr(fl, "linear", raising=False)
+    lin = [j for j in linear.jobs(_cfg()) if j.impl.startswith("fastlayers")]
+    assert lin and all(j.skip == "not available: fastlayers.linear is not defined in this build" for j in lin)
+
+    # a crash inside an implementation is an error row, not an exception
+    def crash(x, *a, **k):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(fl, "layer_norm", crash)
+    jobs = [j for j in norm.jobs(_cfg()) if j.variant == "fwd" and j.case["norm"] == "layer"]
+    crashed = harness.run_jobs(_runner(), jobs)
+    assert crashed[1]["status"] == "error: RuntimeError: kernel exploded"
+
+
+def _job(name, key, fn, ref=False, case=None, **kw):
+    case = case or {"n": key}
+    return harness.Job(group="norm", case=case, variant="fwd", impl=name, unit="GB/s", work=1.0,
+                       inputs_key=("t", key), make_inputs=lambda: {"x": torch.randn(64, 32)},
+                       build=lambda: fn, is_reference=ref, **kw)
+
+
+def test_a_row_run_after_other_cases_is_checked_on_its_baselines_inputs():
+    """torch.compile rows run after every group: their case's inputs are made again by then, and the
+    baseline is run again on them; both must be the inputs the row sees (same seed)."""
+    f = lambda d: torch.tanh(d["x"])                              # noqa: E731
+    jobs = [_job("torch eager", 1, f, ref=True), _job("torch eager", 2, f, ref=True),
+            _job("late", 1, f), _job("late wrong", 1, lambda d: torch.tanh(d["x"]) * 1.01)]
+    rows = harness.run_jobs(_runner(), jobs)
+    assert rows[2]["status"] == "ok" and rows[2]["error"] == 0.0 and rows[2]["baseline"] == "torch eager"
+    assert rows[3]["status"].startswith("FAILED: error 0.01") and rows[3]["time_ms"] is None
+
+
+def test_rows_without_a_trustworthy_baseline_are_unverified_and_not_timed(monkeypatch):
+    # a baseline whose check passed but whose timing then crashed: its result is not trusted either
+    calls = {"n": 0}
+
+    def flaky(d):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("crashed while timed")
+        return torch.tanh(d["x"])
+    rows = harness.run_jobs(_runner(), [_job("torch eager", 0, flaky, ref=True),
+                                        _job("row", 0, lambda d: torch.tanh(d["x"]))])
+    assert rows[0]["status"].startswith("error: RuntimeError: crashed while timed")
+    assert rows[1]["status"].startswith("unverified: its baseline (torch eager) did not pass: error")
+    nan = lambda d: d["x"] * float("nan")                         # noqa: E731
+    rows = harness.run_jobs(_runner(), [_job("torch eager", 1, nan, ref=True),
+                                              _job("row", 1, lambda d: torch.tanh(d["x"]))])
+    assert rows[0]["status"].startswith("FAILED: the baseline's output 0 is not finite")
+    assert rows[1]["status"].startswith("unverified: its baseline (torch eager) did not pass")
+    assert all(rows[1][k] is None for k in SPEED_KEYS)
+    # a row with its own baseline function (the plain GEMM against x @ w.T)
+    own = _job("mm", 3, lambda d: d["x"] @ d["x"].T, baseline=lambda d: d["x"].double() @ d["x"].double().T,
+               baseline_name="x @ x.T in float64")
+    row = harness.run_jobs(_runner(), [own])[0]
+    assert row["status"] == "ok" and row["baseline"] == "x @ x.T in float64" and row["error"] < 1e-6
+
+
+def test_compare():
+    a = torch.tensor([1.0, -2.0, 4.0])
+    err, where, problem = harness.compare([("y", a + torch.tensor([0, 0.04, 0]))], [("y", a)])
+    assert problem is None and where == "y" and err == pytest.approx(0.01)
+    assert harness.compare([("y", a)], [("y", a[:2])]) == (None, None, "y has shape (3,), the baseline's (2,)")
+    assert "2 result tensors" in harness.compare([("y", a), ("s", a)], [("y", a)])[2]
+    assert harness.compare([("y", a.half())], [("y", a)]) == (0.0, "y", "y has dtype torch.float16, the baseline's "
+                                                                         "torch.float32")
+    assert harness.compare([("y", a.half())], [("y", a)], same_dtype=False) == (0.0, "y", None)
+    assert harness.compare([("y", a * float("nan"))], [("y", a)])[2] == "y has non-finite values"
+    # a problem in one tensor still reports the others' error
+    assert harness.compare([("y", 2 * a), ("g", None)], [("y", a), ("g", a)]) \
+        == (1.0, "y", "g is None, the baseline's is not")
+    with pytest.raises(harness._Unverified):
+        harness.compare([("y", a)], [("y", a * float("inf"))])
+
+
+def test_table_shows_errors_and_failed_rows_have_no_speed():
+    rows = [{"group": "norm", "case": {"norm": "layer", "rows": 4, "hidden": 8}, "variant": "fwd", "impl": i,
+             "unit": "GB/s", "time_ms": t, "rate": None if t is None else 1.0 / t, "fraction_of_peak": None,
+             "speedup_vs_eager": None if t is None else 0.5 / t, "backend_ran": ran, "reference": ref,
+             "baseline": base, "error": err, "status": st}
+            for i, t, ran, ref, base, err, st in (
+                ("torch eager", 0.5, None, True, "(this row)", 0.0, "ok"),
+                ("fastlayers[triton]", 0.25, "triton", False, "torch eager", 3e-3, "ok"),
+                ("fastlayers[cuda]", None, "cuda", False, "torch eager", 0.2,
+                 "FAILED: error 0.2 > tolerance 5e-02 in output 0 (vs torch eager)"))]
+    lines = report.format_table("norm", rows).splitlines()
+    assert len(lines) == 5 and len({line.index("GB/s") for line in lines[2:]}) == 1
+    assert "error" in lines[0] and " base " in lines[2] and "3.0e-03" in lines[3] and "2.00x" in lines[3]
+    cells = re.split(r"\s{2,}", lines[4])
+    assert cells[2:] == ["fastlayers[cuda]", "cuda", "-", "-", "GB/s", "-", "-", "2.0e-01",
+                         "FAILED: error 0.2 > tolerance 5e-02 in output 0 (vs torch eager)"], cells
+    goal = report.format_goal_table({"norm": [dict(rows[0], note="F.layer_norm"),
+                                              dict(rows[1], impl="fastlayers[torch]", time_ratio_vs_eager=0.5)]})
+    assert "layer_norm" in goal and "F.layer_norm" in goal and "0.50x" in goal and "met" in goal
+
+
+# ---------------------------------------------------------------------------------------------
+# formulas and the GPU smoke cases
 
 def test_formulas_match_design_by_hand():
     # attention: 4*B*H*Lq*Lk_avg*D; B=2, H=3, Lq=5, Lk=7, D=4
@@ -96,71 +664,15 @@ def test_formulas_match_design_by_hand():
     assert formulas.norm_bwd_bytes(3, 8, 2, rms=False) == 200
     # RMSNorm bwd: 144 + rstd 12 + dweight 16 -> 172
     assert formulas.norm_bwd_bytes(3, 8, 2, rms=True, has_bias=False) == 172
-
-
-def test_runner_classifies_rows_with_stand_in_ops(monkeypatch):
-    """ok (backend recorded), unsupported (BackendUnavailableError / ValueError), not available
-    (backend registry says so), error (wrong backend ran, crash) -- one bad row never stops the run."""
-    last = {}
-
-    def stand_in(x, weight, bias=None, eps=1e-5, *, residual=None, rms=False, backend=None):
-        if backend == "cuda":
-            raise ValueError("layer_norm: backend 'cuda' takes CUDA tensors, got cpu")
-        if backend == "triton":
-            last["layer_norm"] = "torch"                 # claims a backend other than the one asked
-        else:
-            last["layer_norm"] = backend
-        s = x + residual if residual is not None else x
-        y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
-        return (y, s) if residual is not None else y
-
-    avail = {"torch": {"available": True, "reason": None}, "triton": {"available": True, "reason": None},
-             "cuda": {"available": True, "reason": None}}
-    monkeypatch.setattr(fl, "layer_norm", stand_in, raising=False)
-    monkeypatch.setattr(fl, "last_backend", lambda op: last.get(op), raising=False)
-    monkeypatch.setattr(fl, "available_backends", lambda: avail, raising=False)
-    cfg = Config(device=torch.device("cpu"), dtype=torch.float32, quick=True, backends=["torch", "triton", "cuda"])
-    jobs = [j for j in norm.jobs(cfg) if j.case.get("norm") == "layer" and j.variant in ("fwd", "bwd")]
-    runner = harness.Runner(cfg.device, quick=True, peaks=None)
-    rows = {(r["variant"], r["impl"]): r for r in harness.run_jobs(runner, jobs)}
-    for v in ("fwd", "bwd"):
-        assert rows[(v, "torch eager")]["status"] == "ok"
-        ok = rows[(v, "fastlayers[torch]")]
-        assert ok["status"] == "ok" and ok["backend_ran"] == "torch" and ok["speedup_vs_eager"] > 0
-        assert rows[(v, "fastlayers[cuda]")]["status"].startswith("unsupported: ValueError: layer_norm")
-        assert rows[(v, "fastlayers[triton]")]["status"].startswith("error:")
-        assert "says 'torch' ran" in rows[(v, "fastlayers[triton]")]["status"]
-    assert rows[("fwd", "fastlayers[torch]")]["max_abs_diff_vs_eager"] == 0.0
-
-    # a backend the registry marks unavailable, and an op missing from the build
-    avail["cuda"] = {"available": False, "reason": "libfastlayers_cuda.so is not built"}
-    monkeypatch.delattr(fl, "linear", raising=False)
-    from fastlayers.bench import linear
-    skipped = [r for r in harness.run_jobs(runner, [j for j in norm.jobs(cfg) if j.impl == "fastlayers[cuda]"][:1])]
-    assert skipped[0]["status"] == "not available: libfastlayers_cuda.so is not built"
-    lin = [j for j in linear.jobs(cfg) if j.impl.startswith("fastlayers")]
-    assert lin and all(j.skip == "not available: fastlayers.linear is not defined in this build" for j in lin)
-
-    # a crash inside an implementation is an error row, not an exception
-    def crash(x, *a, **k):
-        raise RuntimeError("kernel exploded")
-    monkeypatch.setattr(fl, "layer_norm", crash)
-    crashed = harness.run_jobs(runner, [j for j in norm.jobs(cfg) if j.impl == "fastlayers[torch]"][:1])
-    assert crashed[0]["status"] == "error: RuntimeError: kernel exploded"
-
-
-def test_table_is_aligned():
-    from fastlayers.bench import report
-    rows = [{"group": "norm", "case": {"norm": "layer", "rows": 4, "hidden": 8}, "variant": "fwd", "impl": i,
-             "unit": "GB/s", "time_ms": t, "rate": 1.0 / t, "fraction_of_peak": None, "speedup_vs_eager": 1.0,
-             "backend_ran": None, "status": "ok"} for i, t in (("torch eager", 0.5), ("fastlayers[triton]", 0.25))]
-    lines = report.format_table("norm", rows).splitlines()
-    assert len(lines) == 4 and len({line.index("GB/s") for line in lines[2:]}) == 1
+    # padding rows count the valid keys: B=4, L=256 -> lengths 256, 224, 192, 160
+    assert attention.padding_lengths(4, 256) == [256, 224, 192, 160]
+    job = [j for j in attention.jobs(_cfg()) if j.case.get("mask") == "padding" and j.variant == "fwd"][0]
+    B, L, H, D = (job.case[k] for k in ("batch", "seqlen", "heads", "head_dim"))
+    assert job.work == 4 * H * L * D * sum(attention.padding_lengths(B, L))
 
 
 def test_gpu_smoke_cases_run_on_the_torch_backend():
     # The GPU smoke script's cases, pointed at the torch backend on CPU: they must run and agree.
-    import torch
     from fastlayers.bench import gpu_smoke as s
     for fn in (s.case_layer_norm, s.case_attention, s.case_kvcache, s.case_linear):
         ran, err = fn("torch", torch.float32, "cpu")

@@ -50,6 +50,6 @@ def test_errors_reported_without_gpu():
     # Argument validation runs before any CUDA call, so it works on a machine without a GPU.
     lib = _cuda.lib()
     status = lib.fl_layer_norm_fwd(None, 0, None, 0, None, None, None, 0, None, 0, None, None,
-                                   4, -1, ctypes.c_float(1e-5), 0, 0, None)
+                                   4, -1, ctypes.c_float(1e-5), 0, 0, 0, None)
     assert status != 0
     assert b"cols" in lib.fl_last_error()

@@ -276,6 +276,15 @@ def _attn_views(q, k, v, packed):
     return qkv.unbind(2)
 
 
+def _rng_get():
+    """torch's generator state of DEV (where the op draws its dropout rng_state)."""
+    return torch.cuda.get_rng_state() if torch.device(DEV).type == "cuda" else torch.get_rng_state()
+
+
+def _rng_set(state):
+    (torch.cuda.set_rng_state if torch.device(DEV).type == "cuda" else torch.set_rng_state)(state)
+
+
 def _attn_check(c, dtype, backend):
     q, k, v, do, causal, mask, p = (c[n] for n in ("q", "k", "v", "do", "causal", "mask", "p"))
     B, Lq, H, D = q.shape
@@ -283,11 +292,11 @@ def _attn_check(c, dtype, backend):
     scale = c["scale"] if c["scale"] is not None else 1.0 / math.sqrt(D)
     desc = (*c["desc"], backend)
     keep = None
-    seed_state = torch.get_rng_state()
-    if p > 0:  # the op draws its seed from torch's default generator: replay that draw
-        from fastlayers.ops.attention import _draw_seed
-        keep = dropout_keep_mask(_draw_seed(), 0, B, H, Lq, Lk, DEV, p)
-        torch.set_rng_state(seed_state)
+    seed_state = _rng_get()
+    if p > 0:  # the op draws its rng_state from torch's generator of q's device: replay that draw
+        from fastlayers.ops.attention import _draw_rng_state
+        keep = dropout_keep_mask(_draw_rng_state(q.device), B, H, Lq, Lk, DEV, p)
+        _rng_set(seed_state)
 
     def run_ref(dt):
         ls = [_leaf(t.to(dt), True) for t in (q, k, v)]
@@ -304,7 +313,7 @@ def _attn_check(c, dtype, backend):
     assert o.dtype == dtype and o.shape == q.shape
     _close(f"o {desc}", o, o64, olow, dtype)
     if p > 0:  # same torch seed => same output
-        torch.set_rng_state(seed_state)
+        _rng_set(seed_state)
         o2 = fl.attention(*_attn_views(*[t.detach() for t in ins], c["packed"]), causal=causal,
                           softmax_scale=c["scale"], key_padding_mask=mask, dropout_p=p, backend=backend)
         assert torch.equal(o2, o.detach()), desc
@@ -402,9 +411,9 @@ def test_kvcache_fuzz_triton(dtype):
 
 
 # ====================================================================================== linear
-def _lin_compose(x, w, b, r, act, dy, xv):
+def _lin_compose(x, w, b, r, act, dy, xv, bv):
     ls = [_leaf(t, True) for t in (x, w, b, r)]
-    z = F.linear(xv(ls[0]), ls[1], ls[2])
+    z = F.linear(xv(ls[0]), ls[1], bv(ls[2]) if ls[2] is not None else None)
     y = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu,
          "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[act](z)
     if ls[3] is not None:
@@ -427,17 +436,21 @@ def _lin_check(rng, gen, dtype, backend, small):
     if act == "gelu_tanh" and rng.random() < 0.4:
         x = (x.double() - 6.0).to(dtype)  # very negative pre-activations
     w = _tensor((N, K), dtype, gen, scale=1.0 / math.sqrt(K))
-    b = _tensor((N,), dtype, gen) if has_b else None
+    # bias views (issue 8): stride 2, stride 0 (expanded), or contiguous
+    b_layout = rng.choice(["contig", "contig", "stride2", "expanded"])
+    b = _tensor({"contig": (N,), "stride2": (2 * N,), "expanded": (1,)}[b_layout], dtype, gen) if has_b else None
+    bv = {"contig": lambda t: t, "stride2": lambda t: t[::2], "expanded": lambda t: t.expand(N)}[b_layout]
     r = _tensor((*lead, N), dtype, gen) if has_r else None
     dy = _tensor((*lead, N), dtype, gen)
     xv = lambda t: _view(t, shape, layout)  # noqa: E731
     grad_mask = [rng.random() < 0.6 for _ in range(4)]
-    desc = (tuple(lead), K, N, act, has_b, has_r, layout, grad_mask, backend)
+    desc = (tuple(lead), K, N, act, has_b, b_layout, has_r, layout, grad_mask, backend)
     d64 = lambda t: t.double() if t is not None else None  # noqa: E731
-    y64, g64 = _lin_compose(d64(x), d64(w), d64(b), d64(r), act, dy.double(), xv)
-    ylow, glow = _lin_compose(x, w, b, r, act, dy, xv)
+    y64, g64 = _lin_compose(d64(x), d64(w), d64(b), d64(r), act, dy.double(), xv, bv)
+    ylow, glow = _lin_compose(x, w, b, r, act, dy, xv, bv)
     ins = [_leaf(t, g) for t, g in zip((x, w, b, r), grad_mask)]
-    y = fl.linear(xv(ins[0]), ins[1], ins[2], activation=act, residual=ins[3], backend=backend)
+    y = fl.linear(xv(ins[0]), ins[1], bv(ins[2]) if ins[2] is not None else None, activation=act,
+                  residual=ins[3], backend=backend)
     assert y.shape == (*lead, N) and y.dtype == dtype, desc
     # fp32 inputs may run TF32 dots (documented) -- only on a GPU, never under the interpreter
     ex = 2e-3 if (backend == "triton" and dtype == torch.float32 and HAS_CUDA) else 0.0
@@ -545,8 +558,8 @@ def test_attention_dropout_backward_fp64_precision():
     with dropout were only float32-accurate."""
     q, k, v, do = (torch.randn(1, 16, 1, 4, dtype=torch.float64) for _ in range(4))
     state = torch.get_rng_state()
-    from fastlayers.ops.attention import _draw_seed
-    keep = dropout_keep_mask(_draw_seed(), 0, 1, 1, 16, 16, "cpu", 0.1)
+    from fastlayers.ops.attention import _draw_rng_state
+    keep = dropout_keep_mask(_draw_rng_state("cpu"), 1, 1, 16, 16, "cpu", 0.1)
     torch.set_rng_state(state)
     ls = [t.clone().requires_grad_() for t in (q, k, v)]
     (_attn_compose(*ls, False, 0.5, None, keep, 0.1) * do).sum().backward()
@@ -648,10 +661,12 @@ def test_opcheck_random_inputs(backend):
                               (_tensor((2, 3, 5), dt, gen), x, W, pre if act else None, act, True, backend))
     q, k, v = _tensor((2, 3, 2, 8), dt, gen), _tensor((2, 5, 2, 8), dt, gen), _tensor((2, 5, 2, 8), dt, gen)
     mask = torch.tensor([[True] * 5, [False, True, False, True, False]], device=DEV)
-    torch.library.opcheck(ops.attention_fwd.default, (q, k, v, mask, 0.3, True, 0.0, False, backend))
-    o, lse, rs = ops.attention_fwd(q, k, v, mask, 0.3, True, 0.0, False, backend)
-    torch.library.opcheck(ops.attention_bwd.default,
-                          (_tensor(q.shape, dt, gen), q, k, v, o, lse, mask, rs, 0.3, True, 0.0, False, backend))
+    rs = torch.tensor([12345, 0], dtype=torch.int64, device=DEV)  # dropout's rng_state [seed, offset]
+    for p, state in ((0.0, None), (0.25, rs)):
+        torch.library.opcheck(ops.attention_fwd.default, (q, k, v, mask, state, 0.3, True, p, False, backend))
+        o, lse = ops.attention_fwd(q, k, v, mask, state, 0.3, True, p, False, backend)
+        torch.library.opcheck(ops.attention_bwd.default,
+                              (_tensor(q.shape, dt, gen), q, k, v, o, lse, mask, state, 0.3, True, p, False, backend))
     kc, vc = _tensor((2, 9, 2, 8), dt, gen), _tensor((2, 9, 2, 8), dt, gen)
     cl = torch.tensor([0, 6], dtype=torch.int32, device=DEV)
     torch.library.opcheck(ops.attention_with_kvcache.default, (q, kc, vc, cl, k[:, :3], v[:, :3], 0.3, True, backend),

@@ -259,22 +259,103 @@ def test_cuda_abi_validation_without_gpu():
     p = 4096  # a fake, aligned device address
     # rows == 0: nothing to launch.
     assert lib.fl_layer_norm_fwd(p, 8, None, 0, None, None, p, 8, None, 0, p, p, 0, 8,
-                                 ctypes.c_float(1e-5), 0, 0, None) == 0
+                                 ctypes.c_float(1e-5), 0, 0, 0, None) == 0
+    # (..., rows, cols, eps, rms, dtype, param_dtype)
     cases = [
-        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 65537, 1e-5, 0, 0), b"cols"),
-        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, -1.0, 0, 0), b"eps"),
-        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 2, 0), b"rms"),
-        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 0, 7), b"dtype"),
-        ((p, 8, p, 8, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 0, 0), b"residual_out"),
-        ((p, 8, None, 0, None, None, p, 4, None, 0, p, p, 4, 8, 1e-5, 0, 0), b"y_row_stride"),
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 65537, 1e-5, 0, 0, 0), b"cols"),
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, -1.0, 0, 0, 0), b"eps"),
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 2, 0, 0), b"rms"),
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 0, 7, 7), b"dtype"),
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 0, 0, 2), b"param_dtype"),  # f32 x, bf16 params
+        ((p, 8, None, 0, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 0, 2, 1), b"param_dtype"),  # bf16 x, f16 params
+        ((p, 8, p, 8, None, None, p, 8, None, 0, p, p, 4, 8, 1e-5, 0, 0, 0), b"residual_out"),
+        ((p, 8, None, 0, None, None, p, 4, None, 0, p, p, 4, 8, 1e-5, 0, 0, 0), b"y_row_stride"),
     ]
     for args, word in cases:
         assert lib.fl_layer_norm_fwd(*args[:14], ctypes.c_float(args[14]), *args[15:], None) != 0
         assert word in lib.fl_last_error(), lib.fl_last_error()
-    # Backward: a workspace one byte short is refused, naming the argument.
+    # Backward: a workspace one byte short is refused, naming the argument; so is a param_dtype that
+    # is neither dtype nor f32.
     assert lib.fl_layer_norm_bwd(p, 1000, p, 1000, p, p, p, None, 0, p, 1000, p, None, p, small - 1,
-                                 17, 1000, 0, 0, None) != 0
+                                 17, 1000, 0, 0, 0, None) != 0
     assert b"workspace_bytes" in lib.fl_last_error()
     assert lib.fl_layer_norm_bwd(p, 1000, p, 1000, p, None, p, None, 0, p, 1000, p, None, p, small,
-                                 17, 1000, 0, 0, None) != 0
+                                 17, 1000, 0, 0, 0, None) != 0
     assert b"mean" in lib.fl_last_error()
+    assert lib.fl_layer_norm_bwd(p, 1000, p, 1000, p, p, p, None, 0, p, 1000, p, None, p, small,
+                                 17, 1000, 0, 1, 2, None) != 0
+    assert b"param_dtype" in lib.fl_last_error()
+
+
+# ------------------------------------------------------------------ mixed dtypes: half x, fp32 parameters
+def check_mixed(mod, rows, cols, dtype, has_w, has_b, rms, device="cpu"):
+    """Launchers with float32 weight/bias beside `dtype` activations, against float64 (and torch's
+    own F.layer_norm / F.rms_norm at the same dtypes). dweight/dbias come back float32."""
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, device=device).to(dt)
+
+    x = rnd(rows, cols + 3)[:, 1:cols + 1]  # strided rows, misaligned start
+    residual = rnd(rows, cols)
+    weight = (1 + 0.5 * rnd(cols, dt=torch.float32)) if has_w else None
+    bias = rnd(cols, dt=torch.float32) if has_b else None
+    dy = rnd(rows, cols)
+    y, ro, mean, rstd = mod.layer_norm_fwd(x, residual, weight, bias, EPS, rms)
+    assert y.dtype == dtype and ro.dtype == dtype
+    ds, dw, db = mod.layer_norm_bwd(dy, ro, weight, mean, rstd, None, has_b, rms, param_dtype=torch.float32)
+    assert (dw is None or dw.dtype == torch.float32) and (db is None or db.dtype == torch.float32)
+    s64 = ro.double().requires_grad_()
+    w64 = weight.double().requires_grad_() if has_w else None
+    b64 = bias.double().requires_grad_() if has_b else None
+    leaves = [t for t in (s64, w64, b64) if t is not None]
+
+    def norm(s, w, b):
+        if rms:
+            out = F.rms_norm(s, (cols,), w, EPS)
+            return out + b if b is not None else out
+        return F.layer_norm(s, (cols,), w, b, EPS)
+
+    y64 = norm(s64, w64, b64)
+    g64 = torch.autograd.grad((y64 * dy.double()).sum(), leaves)
+    own = norm(ro, weight, bias).to(dtype)  # torch's own, at these dtypes
+    check_close("y", y, y64, own, dtype)
+    check_close("ds", ds, g64[0], g64[0].to(dtype), dtype)
+    for got, ref in zip([t for t in (dw, db) if t is not None], g64[1:]):
+        scale = max(1.0, ref.abs().max().item())
+        err = max_err(got, ref)
+        assert err <= FLOOR[dtype] * scale * max(1, rows) ** 0.5, f"param grad: error {err:.3g}"
+
+
+@interp
+@pytest.mark.parametrize("cols", [7, 1000])
+@pytest.mark.parametrize("has_w,has_b,rms", [(True, True, False), (False, True, False), (True, False, True),
+                                              (False, False, True)])
+def test_triton_interpreter_mixed_dtypes(cols, has_w, has_b, rms, nan_outputs):
+    check_mixed(tri, 5, cols, torch.float16, has_w, has_b, rms)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7), (257, 1024), (64, 4097), (33, 12288), (4, 65536)])
+@pytest.mark.parametrize("has_w,has_b,rms", [(True, True, False), (False, True, False), (True, False, True)])
+def test_gpu_mixed_dtypes(backend, dtype, shape, has_w, has_b, rms):
+    # Each CUDA kernel path (warp / block / loop forward; warp / block / column-tiled backward) with
+    # P = float beside T = half, on the scalar (misaligned x) path; the aligned path below.
+    check_mixed(_backend(backend), *shape, dtype, has_w, has_b, rms, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("cols", [768, 4096, 20000])
+def test_gpu_mixed_dtypes_vector_path(backend, cols):
+    mod = _backend(backend)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(300, cols, device="cuda").to(dtype)
+        w, b = 1 + 0.5 * torch.randn(cols, device="cuda"), torch.randn(cols, device="cuda")
+        y, _, mean, rstd = mod.layer_norm_fwd(x, None, w, b, EPS, False)
+        ref = F.layer_norm(x.double(), (cols,), w.double(), b.double(), EPS)
+        check_close("y", y, ref, F.layer_norm(x.float(), (cols,), w, b, EPS).to(dtype), dtype)
+        dy = torch.randn_like(x)
+        ds, dw, db = mod.layer_norm_bwd(dy, x, w, mean, rstd, None, True, False)
+        assert dw.dtype == torch.float32 and db.dtype == torch.float32
+        torch.testing.assert_close(db, dy.float().sum(0), rtol=1e-4, atol=1e-2)

@@ -31,7 +31,7 @@ def test_library_exports_linear_symbols():
     if not path.exists():
         pytest.skip(f"{path} is not built")
     lib = ctypes.CDLL(str(path))
-    assert LINEAR_SYMBOLS == ["fl_linear_fwd", "fl_linear_bwd_dx", "fl_linear_bwd_dw"]
+    assert LINEAR_SYMBOLS == ["fl_linear_fwd", "fl_linear_bwd_dx", "fl_linear_bwd_dw", "fl_linear_grid"]
     missing = [n for n in LINEAR_SYMBOLS if not hasattr(lib, n)]
     assert not missing, f"{path} lacks {missing}"
 

@@ -12,7 +12,11 @@
 // Dropout: the mask is replayed from the same counter-based philox as the forward.
 //   dV_j = sum_i P_ij Z_ij / (1-p) dO_i ; dS_ij = P_ij (Z_ij / (1-p) dO_i.V_j - delta_i)
 //   dQ = scale dS K ; dK = scale dS^T Q        (P is the pre-dropout softmax, Z the keep mask)
-// Rows with no key have lse = +inf, so P = 0 and all their gradients are 0.
+// Rows with no key have lse = +inf, so P = 0 and all their gradients are 0.  Keys masked by
+// key_padding_mask are zero-filled on load (never read): their S, dP are finite, P = 0 makes their
+// dS = 0, so NaN / inf in their K/V rows reaches no gradient, and their dk, dv are 0.
+// The dropout [seed, offset] is read from device memory (rng_state) when the kernels run.
+// Grids: launch_grid (attention_common.cuh); the (b, h) index comes from axes y and z.
 #include <algorithm>
 #include <string>
 
@@ -28,27 +32,28 @@ constexpr float kLog2e = 1.442695040888963407f;
 template <int D, typename T>
 __global__ void __launch_bounds__(kNumThreads) attention_bwd_preprocess_kernel(const Params p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // (b, i, h) flattened
   const int64_t rows = static_cast<int64_t>(p.B) * p.Lq * p.H;
-  if (row >= rows) return;
-  const int h = static_cast<int>(row % p.H);
-  const int i = static_cast<int>((row / p.H) % p.Lq);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(p.H) * p.Lq));
-  const T* dout = static_cast<const T*>(p.dout) + b * p.do_b + i * p.do_l + h * p.do_h;
-  const T* out = static_cast<const T*>(p.out) + b * p.out_b + i * p.out_l + h * p.out_h;
-  float s = 0.f;
-  for (int c = lane * 8; c < D; c += 32 * 8) {  // 16-byte loads
-    const uint4 a = *reinterpret_cast<const uint4*>(dout + c);
-    const uint4 o = *reinterpret_cast<const uint4*>(out + c);
-    const T* av = reinterpret_cast<const T*>(&a);
-    const T* ov = reinterpret_cast<const T*>(&o);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {  // (b, i, h) flattened; the grid is capped
+    const int h = static_cast<int>(row % p.H);
+    const int i = static_cast<int>((row / p.H) % p.Lq);
+    const int b = static_cast<int>(row / (static_cast<int64_t>(p.H) * p.Lq));
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_b + i * p.do_l + h * p.do_h;
+    const T* out = static_cast<const T*>(p.out) + b * p.out_b + i * p.out_l + h * p.out_h;
+    float s = 0.f;
+    for (int c = lane * 8; c < D; c += 32 * 8) {  // 16-byte loads
+      const uint4 a = *reinterpret_cast<const uint4*>(dout + c);
+      const uint4 o = *reinterpret_cast<const uint4*>(out + c);
+      const T* av = reinterpret_cast<const T*>(&a);
+      const T* ov = reinterpret_cast<const T*>(&o);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) s += to_float(av[e]) * to_float(ov[e]);
+      for (int e = 0; e < 8; ++e) s += to_float(av[e]) * to_float(ov[e]);
+    }
+    s = warp_sum(s);
+    if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Lq + i] = s;
+    if (p.dq_accum != nullptr)
+      for (int d = lane; d < D; d += 32) p.dq_accum[row * D + d] = 0.f;
   }
-  s = warp_sum(s);
-  if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Lq + i] = s;
-  if (p.dq_accum != nullptr)
-    for (int d = lane; d < D; d += 32) p.dq_accum[row * D + d] = 0.f;
 }
 
 template <int D, typename T>
@@ -72,7 +77,9 @@ __global__ void __launch_bounds__(kNumThreads) attention_bwd_dkdv_kernel(const P
   float* sLse = reinterpret_cast<float*>(sdS + BN * LDS);  // BM: lse * log2 e (+inf past Lq)
   float* sDelta = sLse + BM;                                // BM
 
-  const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t bh = grid_head();
+  if (bh >= static_cast<int64_t>(p.B) * p.H) return;  // grid overhang
+  const int n_block = blockIdx.x, h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int nq = p.Lq, nk = p.Lk;
   const int n0 = n_block * BN;
@@ -88,14 +95,19 @@ __global__ void __launch_bounds__(kNumThreads) attention_bwd_dkdv_kernel(const P
   const int m_begin = p.causal ? max(0, n0 - (nk - nq)) / BM : 0;
   const int m_end = (nq + BM - 1) / BM;
 
-  load_tile_async<BN, D>(sK, k, p.k_l, n0, nk);
-  load_tile_async<BN, D>(sV, v, p.v_l, n0, nk);
+  const uint8_t* kpm = p.kpm != nullptr ? p.kpm + b * p.kpm_b : nullptr;  // masked keys: zero-filled
+  load_tile_async<BN, D>(sK, k, p.k_l, n0, nk, kpm, p.kpm_l);
+  load_tile_async<BN, D>(sV, v, p.v_l, n0, nk, kpm, p.kpm_l);
   cp_async_commit();
 
   float dk[D / 8][4], dv[D / 8][4];
   zero(dk);
   zero(dv);
   const bool has_dropout = p.dropout_p > 0.f;
+  // Read once per CTA here (ptxas: reloading it per tile inside the loop spills the D = 128 dk/dv
+  // and the D = 96 dq kernels on sm_90a); read when the kernel runs, so graph replays see redraws.
+  DropoutState ds{0, 0};
+  if (has_dropout) ds = dropout_state(p, b, h);
 
   for (int mt = m_begin; mt < m_end; ++mt) {
     const int mm0 = mt * BM;
@@ -129,7 +141,7 @@ __global__ void __launch_bounds__(kNumThreads) attention_bwd_dkdv_kernel(const P
         float dp = dpt[j][e];
         float pd = pt;
         if (has_dropout) {
-          const bool keep = dropout_keep(p.seed, dropout_counter(p, b, h, i, key), p.dropout_p);
+          const bool keep = dropout_keep(ds.seed, dropout_counter(p, ds, i, key), p.dropout_p);
           pd = keep ? pt * p.dropout_rescale : 0.f;
           dp = keep ? dp * p.dropout_rescale : 0.f;
         }
@@ -202,7 +214,9 @@ __global__ void __launch_bounds__(kNumThreads) attention_bwd_dq_kernel(const Par
   T* sK = sdO + BM * LD;                   // 2 x BN x LD
   T* sV = sK + 2 * BN * LD;                // 2 x BN x LD
 
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t bh = grid_head();
+  if (bh >= static_cast<int64_t>(p.B) * p.H) return;  // grid overhang
+  const int m_block = blockIdx.x, h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int nq = p.Lq, nk = p.Lk;
   const int m0 = m_block * BM;
@@ -225,23 +239,28 @@ __global__ void __launch_bounds__(kNumThreads) attention_bwd_dq_kernel(const Par
     delta[r] = i < nq ? p.delta[bh_row + i] : 0.f;
   }
   const bool has_dropout = p.dropout_p > 0.f;
+  // Read once per CTA here (ptxas: reloading it per tile inside the loop spills the D = 128 dk/dv
+  // and the D = 96 dq kernels on sm_90a); read when the kernel runs, so graph replays see redraws.
+  DropoutState ds{0, 0};
+  if (has_dropout) ds = dropout_state(p, b, h);
 
   if (tile_end > 0) {
+    const uint8_t* kpm = p.kpm != nullptr ? p.kpm + b * p.kpm_b : nullptr;  // masked keys: zero-filled
     const T* q = static_cast<const T*>(p.q) + b * p.q_b + h * p.q_h;
     const T* k = static_cast<const T*>(p.k) + b * p.k_b + h * p.k_h;
     const T* v = static_cast<const T*>(p.v) + b * p.v_b + h * p.v_h;
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_b + h * p.do_h;
     load_tile_async<BM, D>(sQ, q, p.q_l, m0, nq);
     load_tile_async<BM, D>(sdO, dout, p.do_l, m0, nq);
-    load_tile_async<BN, D>(sK, k, p.k_l, 0, nk);
-    load_tile_async<BN, D>(sV, v, p.v_l, 0, nk);
+    load_tile_async<BN, D>(sK, k, p.k_l, 0, nk, kpm, p.kpm_l);
+    load_tile_async<BN, D>(sV, v, p.v_l, 0, nk, kpm, p.kpm_l);
     cp_async_commit();
 
     for (int tile = 0; tile < tile_end; ++tile) {
       const int buf = tile & 1;
       if (tile + 1 < tile_end) {
-        load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk);
-        load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk);
+        load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk, kpm, p.kpm_l);
+        load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk, kpm, p.kpm_l);
         cp_async_commit();
         cp_async_wait<1>();
       } else {
@@ -269,7 +288,7 @@ __global__ void __launch_bounds__(kNumThreads) attention_bwd_dq_kernel(const Par
           if (need_mask && !attends(p, b, i, key, nk, nq)) pv = 0.f;
           float d = dp[j][e];
           if (has_dropout)
-            d = dropout_keep(p.seed, dropout_counter(p, b, h, i, key), p.dropout_p) ? d * p.dropout_rescale : 0.f;
+            d = dropout_keep(ds.seed, dropout_counter(p, ds, i, key), p.dropout_p) ? d * p.dropout_rescale : 0.f;
           s[j][e] = pv * (d - delta[e >> 1]);  // dS
         }
       uint32_t a[BN / 16][4];
@@ -313,16 +332,18 @@ __global__ void attention_bwd_dq_convert_kernel(const Params p, int D) {
 
 template <int D, typename T>
 fl_status launch_bwd(const Params& p, bool deterministic, cudaStream_t stream) {
-  using Tr = Traits<D>;
   const int64_t rows = static_cast<int64_t>(p.B) * p.Lq * p.H;
+  LaunchGrid g;
   if (rows > 0) {
-    attention_bwd_preprocess_kernel<D, T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kNumThreads, 0, stream>>>(p);
+    FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_BWD_PREPROCESS, p.B, p.Lq, p.Lk, p.H, D, 1, &g));
+    attention_bwd_preprocess_kernel<D, T><<<to_dim3(g), kNumThreads, 0, stream>>>(p);
     FL_RETURN_IF_ERROR(check_launch("attention_bwd_preprocess_kernel"));
   }
 
   if (p.Lk > 0) {
     constexpr int smem = dkdv_smem_bytes<D, T>();
-    const dim3 grid((p.Lk + Tr::kBwdBlockN - 1) / Tr::kBwdBlockN, p.H, p.B);
+    FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_BWD_DKDV, p.B, p.Lq, p.Lk, p.H, D, 1, &g));
+    const dim3 grid = to_dim3(g);
     if (deterministic) {
       if (smem > 48 * 1024)
         FL_CUDA_CHECK(cudaFuncSetAttribute(attention_bwd_dkdv_kernel<D, T, false>,
@@ -342,13 +363,12 @@ fl_status launch_bwd(const Params& p, bool deterministic, cudaStream_t stream) {
     constexpr int smem = dq_smem_bytes<D, T>();
     if (smem > 48 * 1024)
       FL_CUDA_CHECK(cudaFuncSetAttribute(attention_bwd_dq_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
-    attention_bwd_dq_kernel<D, T><<<grid, kNumThreads, smem, stream>>>(p);
+    FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_BWD_DQ, p.B, p.Lq, p.Lk, p.H, D, 1, &g));
+    attention_bwd_dq_kernel<D, T><<<to_dim3(g), kNumThreads, smem, stream>>>(p);
     FL_RETURN_IF_ERROR(check_launch("attention_bwd_dq_kernel"));
   } else {
-    const int64_t total4 = rows * D / 4;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total4 + 255) / 256, 8192));
-    attention_bwd_dq_convert_kernel<T><<<blocks, 256, 0, stream>>>(p, D);
+    FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_BWD_DQ_CONVERT, p.B, p.Lq, p.Lk, p.H, D, 1, &g));
+    attention_bwd_dq_convert_kernel<T><<<to_dim3(g), 256, 0, stream>>>(p, D);
     FL_RETURN_IF_ERROR(check_launch("attention_bwd_dq_convert_kernel"));
   }
   return FL_OK;
@@ -392,14 +412,16 @@ extern "C" fl_status fl_attention_bwd(const void* dout, int64_t do_b, int64_t do
                                       void* workspace, size_t workspace_bytes,
                                       int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
                                       float softmax_scale, int32_t causal, float dropout_p,
-                                      uint64_t seed, uint64_t offset, int32_t deterministic,
+                                      const int64_t* rng_state, int32_t deterministic,
                                       int32_t dtype, void* stream) {
   FL_REQUIRE(B >= 0 && Lq >= 0 && Lk >= 0 && H >= 0, "fl_attention_bwd: sizes must be >= 0, got B=%lld Lq=%lld Lk=%lld H=%lld",
              (long long)B, (long long)Lq, (long long)Lk, (long long)H);
-  FL_REQUIRE(B <= 65535 && H <= 65535 && Lq < (1ll << 31) && Lk < (1ll << 31),
-             "fl_attention_bwd: B and H must be <= 65535 and Lq, Lk < 2^31, got B=%lld H=%lld Lq=%lld Lk=%lld",
+  FL_REQUIRE(B < (1ll << 31) && H < (1ll << 31) && Lq < (1ll << 31) && Lk < (1ll << 31),
+             "fl_attention_bwd: B, H, Lq and Lk must be < 2^31, got B=%lld H=%lld Lq=%lld Lk=%lld",
              (long long)B, (long long)H, (long long)Lq, (long long)Lk);
   FL_REQUIRE(dropout_p >= 0.f && dropout_p < 1.f, "fl_attention_bwd: dropout_p must be in [0, 1), got %g", dropout_p);
+  FL_REQUIRE(dropout_p == 0.f || rng_state != nullptr,
+             "fl_attention_bwd: rng_state (device int64 [seed, offset]) is NULL with dropout_p = %g", dropout_p);
   if (B == 0 || H == 0 || (Lq == 0 && Lk == 0)) return FL_OK;
   if (Lq > 0) {
     FL_ATTN_REQUIRE_ROWS("fl_attention_bwd: dout", dout, do_b, do_l, do_h);
@@ -430,7 +452,7 @@ extern "C" fl_status fl_attention_bwd(const void* dout, int64_t do_b, int64_t do
   p.scale = softmax_scale; p.scale_log2 = softmax_scale * 1.442695040888963407f;
   p.causal = causal != 0;
   p.dropout_p = dropout_p; p.dropout_rescale = 1.f / (1.f - dropout_p);
-  p.seed = seed; p.offset = offset;
+  p.rng_state = rng_state;
   p.num_splits = 1;
   p.dout = dout; p.do_b = do_b; p.do_l = do_l; p.do_h = do_h;
   p.out = o; p.out_b = o_b; p.out_l = o_l; p.out_h = o_h;

@@ -1,10 +1,15 @@
 // attention_common.cuh -- what the attention kernels share: per-head-dim traits, the head-dim
-// static switch, warp-level tensor-core primitives (ldmatrix, mma.sync.m16n8k16, cp.async), the
-// tile loader, the philox dropout mask and the kernel parameter block.
+// static switch, the launch grids, warp-level tensor-core primitives (ldmatrix, mma.sync.m16n8k16,
+// cp.async), the tile loader, the philox dropout mask and the kernel parameter block.
 //
 // Layouts (all tensors row-major in the last dim, head dim D contiguous):
 //   q, o (B, Lq, H, D), k, v (B, Lk, H, D) with (b, l, h) strides in elements;
 //   lse, delta (B, H, Lq) fp32 contiguous; key_padding_mask (B, Lk) uint8 with (b, l) strides.
+// Grids (launch_grid): axis x (limit 2^31 - 1) carries tiles, axes y and z (limit 65535 each) the
+// flattened (b, h[, split]) index, so every size the ABI accepts launches (B*H up to 65535^2).
+// Masked keys (key_padding_mask, kv-cache slots past a row's length) are zero-filled when their K/V
+// tiles are loaded, never read: NaN / inf there cannot reach o, lse or any gradient.
+// Dropout state: rng_state = device int64 [seed, offset], read by the kernels at run time.
 // Shared-memory tiles are row-major with a row stride of D + 8 elements: the 16-byte pad puts the
 // 8 rows an ldmatrix reads in 8 different 4-bank groups (row stride in words is 4 mod 32 for every
 // D that is a multiple of 64 and 20 mod 32 for D = 32, 96), so ldmatrix is conflict-free without
@@ -34,6 +39,29 @@ struct Traits {
   static constexpr int kBwdBlockM = D <= 64 ? 64 : 32;  // dk/dv query tile
   static_assert(D % 32 == 0, "head dim must be a multiple of 32 (16-column ldmatrix pairs)");
 };
+
+// ------------------------------------------------------------------ launch grids
+// What each launch of the attention entry points uses (the C ABI's fl_attention_grid answers the
+// same function, so CPU tests check the limits at extreme shapes without a GPU).
+constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxGridYZ = 65535;
+struct LaunchGrid {
+  int64_t x, y, z;
+};
+// `tiles` CTAs per head on x, `heads` heads spread over y (fast) and z: nz = cdiv(heads, 65535),
+// ny = cdiv(heads, nz), so fewer than nz CTAs overhang (they return at once, see grid_head()).
+inline LaunchGrid heads_grid(int64_t tiles, int64_t heads) {
+  const int64_t z = heads > kMaxGridYZ ? (heads + kMaxGridYZ - 1) / kMaxGridYZ : 1;
+  const int64_t y = heads > 0 ? (heads + z - 1) / z : 1;
+  return {tiles > 0 ? tiles : 1, y, z};
+}
+// FL_ATTENTION_KERNEL_* of fastlayers.h -> the grid that kernel is launched with; FL_ERR_INVALID
+// (with a message) when an axis would exceed its limit. Defined in attention_fwd.cu.
+fl_status launch_grid(int32_t kernel, int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
+                      int64_t num_splits, LaunchGrid* grid);
+inline dim3 to_dim3(const LaunchGrid& g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+}
 
 // The head dims this build compiles; fl_build_info() publishes the same list (attention_fwd.cu).
 #define FL_ATTN_HEAD_DIMS_JSON "[32, 64, 96, 128]"
@@ -68,7 +96,7 @@ struct Params {
   int causal;         // bottom-right aligned: query i attends key j iff j <= i + Lk - Lq
   float dropout_p;    // 0 = no dropout
   float dropout_rescale;  // 1 / (1 - p)
-  uint64_t seed, offset;
+  const int64_t* rng_state;  // device [seed, offset], read at run time (graph replays see redraws)
   // split-KV (kvcache): num_splits > 1 writes normalised partial o / lse here instead of o / lse
   int num_splits;
   float* o_part;      // (splits, B, H, Lq, D)
@@ -85,7 +113,7 @@ struct Params {
 
 // ------------------------------------------------------------------ philox dropout mask
 // philox4x32-10 with key (seed_lo, seed_hi) and counter (c_lo, c_hi, 0, 0), word 0 -- the same
-// stream as Triton's tl.randint(seed, c) for int64 seed and c (BRIEF "### attention").
+// stream as Triton's tl.randint(seed, c) for int64 seed and c (the spec: kernels/philox.py).
 __host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
 #ifdef __CUDA_ARCH__
   return __umulhi(a, b);
@@ -176,13 +204,17 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Loads rows [row0, row0 + ROWS) of a (L, D) slice with row stride `ld` (elements) into a smem
-// tile with row stride D + 8; rows >= nrows are zero-filled. All 128 threads take part.
+// tile with row stride D + 8; rows >= nrows, and rows whose byte in `row_mask` (stride mask_ld;
+// NULL = none) is 0, are zero-filled without being read -- a masked key's K/V row may hold NaN or
+// inf, and 0 * NaN in P V (or in dS) would poison the unmasked rows. All 128 threads take part.
 template <int ROWS, int D, typename T>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t ld, int row0, int nrows) {
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t ld, int row0, int nrows,
+                                                const uint8_t* row_mask = nullptr, int64_t mask_ld = 0) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   for (int c = threadIdx.x; c < ROWS * kChunks; c += kNumThreads) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
-    const bool ok = row0 + r < nrows;
+    bool ok = row0 + r < nrows;
+    if (ok && row_mask != nullptr) ok = row_mask[static_cast<int64_t>(row0 + r) * mask_ld] != 0;
     const T* src = ok ? gmem + static_cast<int64_t>(row0 + r) * ld + col : gmem;
     cp_async_16(smem + r * (D + 8) + col, src, ok ? 16 : 0);
   }
@@ -279,10 +311,24 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
   for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 }
 
-// Number of keys batch b attends (kvcache: device-side lengths).
+// (b, h[, split]) index of this CTA from grid axes y and z (heads_grid); >= the count past the end.
+__device__ __forceinline__ int64_t grid_head() {
+  return static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+}
+
+// kvcache: batch b's length is bad (cache_seqlens[b] < 0 or cache_seqlens[b] + new rows > Lmax):
+// nothing is written or read for it and its output rows are NaN.
+__device__ __forceinline__ bool kv_bad(const Params& p, int b) {
+  if (p.seqlens_k == nullptr) return false;
+  const int64_t len = p.seqlens_k[b];
+  return len < 0 || len + p.seqlens_add > p.Lk;
+}
+
+// Number of keys batch b attends (kvcache: device-side lengths, clamped to Lmax; 0 when bad).
 __device__ __forceinline__ int keys_of_batch(const Params& p, int b) {
   if (p.seqlens_k == nullptr) return p.Lk;
-  return max(0, min(p.seqlens_k[b] + p.seqlens_add, p.Lk));
+  if (kv_bad(p, b)) return 0;
+  return min(p.seqlens_k[b] + p.seqlens_add, p.Lk);
 }
 
 // Whether query i may attend key j (batch b, nk keys).
@@ -293,8 +339,20 @@ __device__ __forceinline__ bool attends(const Params& p, int b, int i, int j, in
   return true;
 }
 
-__device__ __forceinline__ uint64_t dropout_counter(const Params& p, int b, int h, int i, int j) {
-  return p.offset + ((static_cast<uint64_t>(b) * p.H + h) * p.Lq + i) * static_cast<uint64_t>(p.Lk) + j;
+// The dropout key and the counter base of head (b, h), offset + (b*H + h)*Lq*Lk, read from
+// p.rng_state (device memory) when the kernel runs.  The forward reads it inside its tile loop,
+// after a barrier, so the compiler reloads it (two cached loads) instead of holding 4 registers
+// across the GEMMs; the backward kernels read it once per CTA (ptxas: fewer registers there).
+// Element (i, j) has counter base + i*Lk + j.
+struct DropoutState {
+  uint64_t seed, base;
+};
+__device__ __forceinline__ DropoutState dropout_state(const Params& p, int b, int h) {
+  return {static_cast<uint64_t>(p.rng_state[0]),
+          static_cast<uint64_t>(p.rng_state[1]) + (static_cast<uint64_t>(b) * p.H + h) * p.Lq * static_cast<uint64_t>(p.Lk)};
+}
+__device__ __forceinline__ uint64_t dropout_counter(const Params& p, const DropoutState& ds, int i, int j) {
+  return ds.base + static_cast<uint64_t>(i) * p.Lk + j;
 }
 #endif  // __CUDACC__
 

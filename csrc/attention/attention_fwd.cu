@@ -6,10 +6,14 @@
 // in); online softmax with fp32 row max / row sum; bottom-right causal with key tiles past the
 // diagonal never loaded; key_padding_mask; tails of Lq and Lk masked (zero-filled K/V rows).
 // Rows with no key: o = 0, lse = +inf.  Dropout multiplies P (after normalisation) by the
-// counter-based philox mask of attention_common.cuh and rescales by 1/(1-p).
+// counter-based philox mask of attention_common.cuh and rescales by 1/(1-p); its [seed, offset]
+// are read from device memory (rng_state) when the kernel runs.  Keys masked by key_padding_mask
+// are zero-filled on load (never read), so NaN / inf in their K/V rows cannot reach the output.
 // fl_attention_kvcache_fwd: appends k_new / v_new at the device-side cache_seqlens, runs the
 // forward kernel over num_splits chunks of the keys (partial o / lse in fp32), then combines them.
-// No host synchronisation: the split count depends on host-known sizes only.
+// No host synchronisation: the split count depends on host-known sizes only.  A batch row with a
+// bad length (< 0, or + new rows > Lmax) writes nothing to the caches and gets NaN output rows.
+// fl_attention_grid: the launch grid of every attention kernel (launch_grid), for tests.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -24,6 +28,7 @@ namespace {
 constexpr float kInf = __builtin_huge_valf();
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
+__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
 
 template <int D, typename T>
 constexpr int fwd_smem_bytes() {
@@ -40,10 +45,14 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
   T* sK = sQ + BM * LD;                    // 2 buffers of BN x LD
   T* sV = sK + 2 * BN * LD;                // 2 buffers of BN x LD
 
-  const int m_block = blockIdx.x, h = blockIdx.y;
-  const int b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits;
+  const int64_t head = grid_head();  // ((b * H) + h) * num_splits + split
+  if (head >= static_cast<int64_t>(p.B) * p.H * p.num_splits) return;  // grid overhang
+  const int split = static_cast<int>(head % p.num_splits);
+  const int h = static_cast<int>((head / p.num_splits) % p.H);
+  const int b = static_cast<int>(head / (static_cast<int64_t>(p.num_splits) * p.H));
+  const int m_block = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int nq = p.Lq, nk = keys_of_batch(p, b);
+  const int nq = p.Lq, nk = keys_of_batch(p, b);  // 0 for a bad kv-cache length
   const int m0 = m_block * BM;
   const int row0 = m0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
 
@@ -66,11 +75,13 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
   T* out = static_cast<T*>(p.o) + b * p.o_b + h * p.o_h;
 
   if (tile_begin >= tile_end) {  // no key for any row of this CTA (or an empty split)
+    // A bad kv-cache length is loud: NaN rows (with split-KV the combine kernel writes them).
+    const float fill = kv_bad(p, b) ? nan_f() : 0.f;
     for (int c = threadIdx.x; c < BM * D; c += kNumThreads) {
       const int r = c / D, d = c % D, i = m0 + r;
       if (i >= nq) continue;
       if (split_out) p.o_part[(part_row + i) * D + d] = 0.f;
-      else out[i * p.o_l + d] = from_float<T>(0.f);
+      else out[i * p.o_l + d] = from_float<T>(fill);
       if (d == 0) {
         if (split_out) p.lse_part[part_row + i] = -kInf;
         else if (p.lse != nullptr) p.lse[bh_row + i] = kInf;
@@ -83,9 +94,10 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
   const T* k = static_cast<const T*>(p.k) + b * p.k_b + h * p.k_h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_b + h * p.v_h;
 
+  const uint8_t* kpm = p.kpm != nullptr ? p.kpm + b * p.kpm_b : nullptr;  // masked keys: zero-filled
   load_tile_async<BM, D>(sQ, q, p.q_l, m0, nq);
-  load_tile_async<BN, D>(sK, k, p.k_l, tile_begin * BN, nk);
-  load_tile_async<BN, D>(sV, v, p.v_l, tile_begin * BN, nk);
+  load_tile_async<BN, D>(sK, k, p.k_l, tile_begin * BN, nk, kpm, p.kpm_l);
+  load_tile_async<BN, D>(sV, v, p.v_l, tile_begin * BN, nk, kpm, p.kpm_l);
   cp_async_commit();
 
   float acc[D / 8][4];
@@ -96,8 +108,8 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buf = (tile - tile_begin) & 1;
     if (tile + 1 < tile_end) {  // prefetch the next K/V tile into the other buffer
-      load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk);
-      load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk);
+      load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk, kpm, p.kpm_l);
+      load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk, kpm, p.kpm_l);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -150,12 +162,13 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
     }
 
     if (has_dropout) {  // the row sum above is pre-dropout (lse is); only P.V sees the mask
+      const DropoutState ds = dropout_state(p, b, h);  // read when the kernel runs (graph replays)
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const uint64_t c = dropout_counter(p, b, h, row0 + (e >> 1) * 8, n0 + j * 8 + 2 * t + (e & 1));
-          if (!dropout_keep(p.seed, c, p.dropout_p)) s[j][e] = 0.f;
+          const uint64_t c = dropout_counter(p, ds, row0 + (e >> 1) * 8, n0 + j * 8 + 2 * t + (e & 1));
+          if (!dropout_keep(ds.seed, c, p.dropout_p)) s[j][e] = 0.f;
         }
     }
 
@@ -210,45 +223,51 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
   }
 }
 
-// o[b, i, h, :] = sum_s exp(lse_s - lse) o_s over the splits; one warp per (b, h, i) row.
+// o[b, i, h, :] = sum_s exp(lse_s - lse) o_s over the splits; one warp per (b, h, i) row, the
+// grid striding over rows (launch_grid caps it); a bad kv-cache length gives a NaN row.
 template <int D, typename T>
 __global__ void __launch_bounds__(kNumThreads) attention_combine_kernel(const Params p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // (b, h, i) flattened
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
-  if (row >= rows) return;
-  const int i = static_cast<int>(row % p.Lq);
-  const int h = static_cast<int>((row / p.Lq) % p.H);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(p.Lq) * p.H));
   const int64_t split_rows = rows;  // stride between splits in lse_part (rows) / o_part (rows * D)
-
-  float mx = -kInf;
-  for (int s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, p.lse_part[s * split_rows + row]);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {  // (b, h, i) flattened
+    const int i = static_cast<int>(row % p.Lq);
+    const int h = static_cast<int>((row / p.Lq) % p.H);
+    const int b = static_cast<int>(row / (static_cast<int64_t>(p.Lq) * p.H));
+    T* out = static_cast<T*>(p.o) + b * p.o_b + i * p.o_l + h * p.o_h;
+    if (kv_bad(p, b)) {
+      for (int d = lane; d < D; d += 32) out[d] = from_float<T>(nan_f());
+      continue;
+    }
+    float mx = -kInf;
+    for (int s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, p.lse_part[s * split_rows + row]);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  T* out = static_cast<T*>(p.o) + b * p.o_b + i * p.o_l + h * p.o_h;
-  if (mx == -kInf) {  // no key at all
-    for (int d = lane; d < D; d += 32) out[d] = from_float<T>(0.f);
-    return;
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (mx == -kInf) {  // no key at all
+      for (int d = lane; d < D; d += 32) out[d] = from_float<T>(0.f);
+      continue;
+    }
+    float denom = 0.f;
+    for (int s = lane; s < p.num_splits; s += 32) denom += exp2f((p.lse_part[s * split_rows + row] - mx) * kLog2e);
+    denom = warp_sum(denom);
+    float o[D / 32];
+#pragma unroll
+    for (int c = 0; c < D / 32; ++c) o[c] = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = exp2f((p.lse_part[s * split_rows + row] - mx) * kLog2e) / denom;  // 0 for empty splits
+      if (w == 0.f) continue;
+      const float* src = p.o_part + (s * split_rows + row) * D;
+#pragma unroll
+      for (int c = 0; c < D / 32; ++c) o[c] += w * src[c * 32 + lane];
+    }
+#pragma unroll
+    for (int c = 0; c < D / 32; ++c) out[c * 32 + lane] = from_float<T>(o[c]);
   }
-  float denom = 0.f;
-  for (int s = lane; s < p.num_splits; s += 32) denom += exp2f((p.lse_part[s * split_rows + row] - mx) * kLog2e);
-  denom = warp_sum(denom);
-  float o[D / 32];
-#pragma unroll
-  for (int c = 0; c < D / 32; ++c) o[c] = 0.f;
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float w = exp2f((p.lse_part[s * split_rows + row] - mx) * kLog2e) / denom;  // 0 for empty splits
-    if (w == 0.f) continue;
-    const float* src = p.o_part + (s * split_rows + row) * D;
-#pragma unroll
-    for (int c = 0; c < D / 32; ++c) o[c] += w * src[c * 32 + lane];
-  }
-#pragma unroll
-  for (int c = 0; c < D / 32; ++c) out[c * 32 + lane] = from_float<T>(o[c]);
 }
 
-// Writes k_new / v_new rows i into the caches at row cache_seqlens[b] + i (rows >= Lmax dropped).
+// Writes k_new / v_new rows i into the caches at row cache_seqlens[b] + i; a batch row whose length
+// is bad (< 0, or + nnew > Lmax) writes nothing at all (its output is NaN, see kv_bad).
 template <typename T>
 __global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64_t kn_b, int64_t kn_l,
                                            int64_t kn_h, const T* v_new, int64_t vn_b, int64_t vn_l,
@@ -261,8 +280,9 @@ __global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64
     const int h = static_cast<int>((idx / chunks) % p.H);
     const int i = static_cast<int>((idx / (static_cast<int64_t>(chunks) * p.H)) % nnew);
     const int b = static_cast<int>(idx / (static_cast<int64_t>(chunks) * p.H * nnew));
-    const int row = p.seqlens_k[b] + i;
-    if (row < 0 || row >= p.Lk) continue;
+    const int64_t len = p.seqlens_k[b];
+    if (len < 0 || len + nnew > p.Lk) continue;
+    const int row = static_cast<int>(len) + i;
     T* kc = const_cast<T*>(static_cast<const T*>(p.k)) + b * p.k_b + row * p.k_l + h * p.k_h + c;
     T* vc = const_cast<T*>(static_cast<const T*>(p.v)) + b * p.v_b + row * p.v_l + h * p.v_h + c;
     *reinterpret_cast<uint4*>(kc) = *reinterpret_cast<const uint4*>(k_new + b * kn_b + i * kn_l + h * kn_h + c);
@@ -272,16 +292,16 @@ __global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64
 
 template <int D, typename T>
 fl_status launch_fwd(const Params& p, cudaStream_t stream) {
-  using Tr = Traits<D>;
   constexpr int smem = fwd_smem_bytes<D, T>();
   if (smem > 48 * 1024)
     FL_CUDA_CHECK(cudaFuncSetAttribute(attention_fwd_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B * p.num_splits);
-  attention_fwd_kernel<D, T><<<grid, kNumThreads, smem, stream>>>(p);
+  LaunchGrid grid;
+  FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_FWD, p.B, p.Lq, p.Lk, p.H, D, p.num_splits, &grid));
+  attention_fwd_kernel<D, T><<<to_dim3(grid), kNumThreads, smem, stream>>>(p);
   FL_RETURN_IF_ERROR(check_launch("attention_fwd_kernel"));
   if (p.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
-    attention_combine_kernel<D, T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kNumThreads, 0, stream>>>(p);
+    FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_KVCACHE_COMBINE, p.B, p.Lq, p.Lk, p.H, D, p.num_splits, &grid));
+    attention_combine_kernel<D, T><<<to_dim3(grid), kNumThreads, 0, stream>>>(p);
     FL_RETURN_IF_ERROR(check_launch("attention_combine_kernel"));
   }
   return FL_OK;
@@ -300,12 +320,67 @@ fl_status kvcache_splits(int64_t B, int64_t Lq, int64_t H, int64_t D, int64_t Lm
   const int64_t tiles = (Lmax + block_n - 1) / block_n;
   int64_t s = 1;
   if (ctas < sms) s = (2 * sms + ctas - 1) / ctas;
-  s = std::min<int64_t>({s, tiles, 128, 65535 / std::max<int64_t>(B, 1)});
+  s = std::min<int64_t>({s, tiles, 128});  // the grid spreads B*H*splits over axes y and z
   *splits = static_cast<int>(std::max<int64_t>(s, 1));
   return FL_OK;
 }
 
 }  // namespace
+
+fl_status launch_grid(int32_t kernel, int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, int64_t num_splits,
+                      LaunchGrid* grid) {
+  FL_REQUIRE(grid != nullptr, "fl_attention_grid: grid is NULL");
+  FL_REQUIRE(B >= 0 && Lq >= 0 && Lk >= 0 && H >= 0 && num_splits >= 1 && B < (1ll << 31) && H < (1ll << 31) &&
+                 Lq < (1ll << 31) && Lk < (1ll << 31) && num_splits < (1ll << 31),
+             "fl_attention_grid: sizes must be in [0, 2^31) (num_splits >= 1), got B=%lld Lq=%lld Lk=%lld H=%lld "
+             "num_splits=%lld", (long long)B, (long long)Lq, (long long)Lk, (long long)H, (long long)num_splits);
+  // Rows x heads far beyond any tensor (2^53) would overflow the products below: refused.
+  FL_REQUIRE(static_cast<double>(B) * H * std::max<int64_t>({Lq, Lk, 1}) * num_splits < 9.0e15,
+             "fl_attention_grid: B*H*max(Lq, Lk)*num_splits must be < 2^53, got B=%lld Lq=%lld Lk=%lld H=%lld "
+             "num_splits=%lld", (long long)B, (long long)Lq, (long long)Lk, (long long)H, (long long)num_splits);
+  const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const auto flat = [](int64_t blocks, int64_t cap) { return LaunchGrid{std::max<int64_t>(1, std::min(blocks, cap)), 1, 1}; };
+  const int64_t heads = B * H;
+  LaunchGrid g{1, 1, 1};
+  FL_RETURN_IF_ERROR(FL_ATTN_DISPATCH_HEAD_DIM(D, "fl_attention_grid", [&]() -> fl_status {
+    using Tr = Traits<kHeadDim>;
+    switch (kernel) {
+      case FL_ATTENTION_KERNEL_FWD:  // also the split pass of the kv-cache path
+        g = heads_grid(cdiv(Lq, Tr::kBlockM), heads * num_splits);
+        return FL_OK;
+      case FL_ATTENTION_KERNEL_FWD_SM90:
+        g = heads_grid(cdiv(Lq, sm90::kBlockM), heads);
+        return FL_OK;
+      case FL_ATTENTION_KERNEL_BWD_PREPROCESS:  // one warp per (b, i, h) row, grid-stride
+        g = flat(cdiv(B * Lq * H, kWarps), kMaxGridX);
+        return FL_OK;
+      case FL_ATTENTION_KERNEL_BWD_DKDV:
+        g = heads_grid(cdiv(Lk, Tr::kBwdBlockN), heads);
+        return FL_OK;
+      case FL_ATTENTION_KERNEL_BWD_DQ:
+        g = heads_grid(cdiv(Lq, Tr::kBlockM), heads);
+        return FL_OK;
+      case FL_ATTENTION_KERNEL_BWD_DQ_CONVERT:  // 256 threads x 4 elements, grid-stride
+        g = flat(cdiv(B * Lq * H * kHeadDim / 4, 256), 8192);
+        return FL_OK;
+      case FL_ATTENTION_KERNEL_KVCACHE_APPEND:  // 256 threads x 16 bytes, grid-stride
+        g = flat(cdiv(B * Lq * H * (kHeadDim / 8), 256), 4096);
+        return FL_OK;
+      case FL_ATTENTION_KERNEL_KVCACHE_COMBINE:  // one warp per (b, h, i) row, grid-stride
+        g = flat(cdiv(B * H * Lq, kWarps), kMaxGridX);
+        return FL_OK;
+      default:
+        return set_error(FL_ERR_INVALID, "fl_attention_grid: kernel must be an FL_ATTENTION_KERNEL_* code (0..7), got " +
+                                             std::to_string(kernel));
+    }
+  }));
+  FL_REQUIRE(g.x >= 1 && g.x <= kMaxGridX && g.y >= 1 && g.y <= kMaxGridYZ && g.z >= 1 && g.z <= kMaxGridYZ,
+             "fl_attention_grid: kernel %d at B=%lld Lq=%lld Lk=%lld H=%lld num_splits=%lld needs grid (%lld, %lld, "
+             "%lld), beyond the limits (2^31-1, 65535, 65535)", (int)kernel, (long long)B, (long long)Lq, (long long)Lk,
+             (long long)H, (long long)num_splits, (long long)g.x, (long long)g.y, (long long)g.z);
+  *grid = g;
+  return FL_OK;
+}
 
 // Published in fl_build_info() so Python never re-states the list.
 static const bool g_registered = register_info("attention_head_dims", FL_ATTN_HEAD_DIMS_JSON);
@@ -334,14 +409,16 @@ extern "C" fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, i
                                       const uint8_t* key_padding_mask, int64_t kpm_b, int64_t kpm_l,
                                       int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
                                       float softmax_scale, int32_t causal, float dropout_p,
-                                      uint64_t seed, uint64_t offset, int32_t impl, int32_t dtype,
+                                      const int64_t* rng_state, int32_t impl, int32_t dtype,
                                       void* stream) {
   FL_REQUIRE(B >= 0 && Lq >= 0 && Lk >= 0 && H >= 0, "fl_attention_fwd: sizes must be >= 0, got B=%lld Lq=%lld Lk=%lld H=%lld",
              (long long)B, (long long)Lq, (long long)Lk, (long long)H);
-  FL_REQUIRE(B <= 65535 && H <= 65535 && Lq < (1ll << 31) && Lk < (1ll << 31),
-             "fl_attention_fwd: B and H must be <= 65535 and Lq, Lk < 2^31, got B=%lld H=%lld Lq=%lld Lk=%lld",
+  FL_REQUIRE(B < (1ll << 31) && H < (1ll << 31) && Lq < (1ll << 31) && Lk < (1ll << 31),
+             "fl_attention_fwd: B, H, Lq and Lk must be < 2^31, got B=%lld H=%lld Lq=%lld Lk=%lld",
              (long long)B, (long long)H, (long long)Lq, (long long)Lk);
   FL_REQUIRE(dropout_p >= 0.f && dropout_p < 1.f, "fl_attention_fwd: dropout_p must be in [0, 1), got %g", dropout_p);
+  FL_REQUIRE(dropout_p == 0.f || rng_state != nullptr,
+             "fl_attention_fwd: rng_state (device int64 [seed, offset]) is NULL with dropout_p = %g", dropout_p);
   FL_REQUIRE(impl == FL_ATTENTION_IMPL_AUTO || impl == FL_ATTENTION_IMPL_MMA || impl == FL_ATTENTION_IMPL_WGMMA,
              "fl_attention_fwd: impl must be 0 (auto), 1 (mma) or 2 (wgmma), got %d", (int)impl);
   if (B == 0 || Lq == 0 || H == 0) return FL_OK;
@@ -363,7 +440,7 @@ extern "C" fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, i
   p.scale = softmax_scale; p.scale_log2 = softmax_scale * 1.442695040888963407f;
   p.causal = causal != 0;
   p.dropout_p = dropout_p; p.dropout_rescale = 1.f / (1.f - dropout_p);
-  p.seed = seed; p.offset = offset;
+  p.rng_state = rng_state;
   p.num_splits = 1;
   cudaStream_t st = fl::as_stream(stream);
   // Hopper: the wgmma/TMA kernel when it can run the case (auto), or because it was asked for
@@ -413,8 +490,8 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
   FL_REQUIRE(B >= 0 && Lq >= 0 && Lmax >= 0 && H >= 0,
              "fl_attention_kvcache_fwd: sizes must be >= 0, got B=%lld Lq=%lld Lmax=%lld H=%lld",
              (long long)B, (long long)Lq, (long long)Lmax, (long long)H);
-  FL_REQUIRE(B <= 65535 && H <= 65535 && Lmax < (1ll << 31) && Lq < (1ll << 31),
-             "fl_attention_kvcache_fwd: B and H must be <= 65535 and Lq, Lmax < 2^31, got B=%lld H=%lld Lq=%lld Lmax=%lld",
+  FL_REQUIRE(B < (1ll << 31) && H < (1ll << 31) && Lmax < (1ll << 31) && Lq < (1ll << 31),
+             "fl_attention_kvcache_fwd: B, H, Lq and Lmax must be < 2^31, got B=%lld H=%lld Lq=%lld Lmax=%lld",
              (long long)B, (long long)H, (long long)Lq, (long long)Lmax);
   FL_REQUIRE((k_new == nullptr) == (v_new == nullptr), "fl_attention_kvcache_fwd: k_new and v_new must both be given or both be NULL");
   if (B == 0 || Lq == 0 || H == 0) return FL_OK;
@@ -425,9 +502,7 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
     FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: k_cache", k_cache, kc_b, kc_l, kc_h);
     FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: v_cache", v_cache, vc_b, vc_l, vc_h);
   }
-  if (k_new != nullptr) {
-    FL_REQUIRE(Lq <= Lmax, "fl_attention_kvcache_fwd: Lq (new rows) must be <= Lmax, got Lq=%lld Lmax=%lld",
-               (long long)Lq, (long long)Lmax);
+  if (k_new != nullptr) {  // (Lq > Lmax makes every batch row's length bad: NaN rows, no writes)
     FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: k_new", k_new, kn_b, kn_l, kn_h);
     FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: v_new", v_new, vn_b, vn_l, vn_h);
   }
@@ -461,9 +536,9 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
   return FL_DISPATCH_HALF(dtype, "fl_attention_kvcache_fwd", [&] {
     return FL_ATTN_DISPATCH_HEAD_DIM(D, "fl_attention_kvcache_fwd", [&] {
       if (k_new != nullptr) {
-        const int64_t total = B * Lq * H * (kHeadDim / 8);
-        const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
-        fl::attn::attention_append_kv_kernel<scalar_t><<<blocks, 256, 0, st>>>(
+        fl::attn::LaunchGrid grid;
+        FL_RETURN_IF_ERROR(fl::attn::launch_grid(FL_ATTENTION_KERNEL_KVCACHE_APPEND, B, Lq, Lmax, H, kHeadDim, 1, &grid));
+        fl::attn::attention_append_kv_kernel<scalar_t><<<fl::attn::to_dim3(grid), 256, 0, st>>>(
             p, static_cast<const scalar_t*>(k_new), kn_b, kn_l, kn_h, static_cast<const scalar_t*>(v_new),
             vn_b, vn_l, vn_h, (int)Lq, kHeadDim);
         FL_RETURN_IF_ERROR(fl::check_launch("attention_append_kv_kernel"));
@@ -471,4 +546,15 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
       return fl::attn::launch_fwd<kHeadDim, scalar_t>(p, st);
     });
   });
+}
+
+extern "C" fl_status fl_attention_grid(int32_t kernel, int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
+                                       int64_t num_splits, int64_t* grid) {
+  FL_REQUIRE(grid != nullptr, "fl_attention_grid: grid is NULL");
+  fl::attn::LaunchGrid g;
+  FL_RETURN_IF_ERROR(fl::attn::launch_grid(kernel, B, Lq, Lk, H, D, num_splits, &g));
+  grid[0] = g.x;
+  grid[1] = g.y;
+  grid[2] = g.z;
+  return FL_OK;
 }

@@ -7,8 +7,9 @@
 // S = Q K^T (wgmma, both operands in shared memory), and while O += P V of the previous tile runs
 // (wgmma, P from registers) it does the online softmax of S (exp2 domain, fp32 row max / row sum
 // on the accumulator layout described in attention_fwd_sm90.cuh).  Masks (key tail, bottom-right
-// causal, key_padding_mask) are applied element-wise on tiles that need them; TMA zero-fills
-// out-of-range rows, so masked keys contribute exactly 0 to P V.  Output: normalised O staged
+// causal) are applied element-wise on tiles that need them; TMA zero-fills out-of-range rows, so
+// keys past Lk contribute exactly 0 to P V.  key_padding_mask runs the mma.sync kernel instead: TMA
+// copies a masked key's V row as it is, and a NaN / inf there would turn its P = 0 into NaN in P V.  Output: normalised O staged
 // through the warpgroup's own Q rows in shared memory, stored with 16-byte predicated writes;
 // lse = +inf and o = 0 for rows with no key, as the mma.sync kernel (attention_fwd.cu) does.
 // Host side: tensor maps are encoded with cuTensorMapEncodeTiled obtained from the runtime's
@@ -47,7 +48,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Causal: the heaviest query tiles (last rows) start first.
   const int m_block = p.causal ? static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x) : blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int64_t bh = grid_head();  // (b, h) from grid axes y and z (launch_grid)
+  if (bh >= static_cast<int64_t>(p.B) * p.H) return;  // grid overhang: the whole CTA leaves
+  const int h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
   const int nq = p.Lq, nk = p.Lk, m0 = m_block * BM;
   const int n_tiles = (nk + BN - 1) / BN;
   int tile_end = n_tiles;
@@ -386,8 +389,9 @@ fl_status launch(const Params& p, cudaStream_t stream) {
   FL_RETURN_IF_ERROR(encode_map(&tv, &ov, p.v, dtype, D, p.Lk, p.H, p.B, p.v_l, p.v_h, p.v_b, kBlockN, "v"));
   constexpr int smem = SmemPlan<D>::kBytes;
   FL_CUDA_CHECK(cudaFuncSetAttribute(attention_fwd_sm90_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.Lq + kBlockM - 1) / kBlockM, p.H, p.B);
-  attention_fwd_sm90_kernel<D, T><<<grid, kThreads, smem, stream>>>(tq, tk, tv, oq, ok, ov, p);
+  LaunchGrid grid;
+  FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_FWD_SM90, p.B, p.Lq, p.Lk, p.H, D, 1, &grid));
+  attention_fwd_sm90_kernel<D, T><<<to_dim3(grid), kThreads, smem, stream>>>(tq, tk, tv, oq, ok, ov, p);
   return check_launch("attention_fwd_sm90_kernel");
 }
 #endif  // FL_HAS_SM90A
@@ -402,6 +406,9 @@ std::string fwd_sm90_unsupported(const Params& p, int64_t D) {
   if (D != 64 && D != 128) return "the wgmma kernel takes head dims 64 and 128, got " + std::to_string(D);
   if (p.dropout_p > 0.f) return "the wgmma kernel has no dropout (dropout_p > 0 runs the mma kernel)";
   if (p.num_splits != 1 || p.seqlens_k != nullptr) return "the wgmma kernel has no split-KV / KV-cache path";
+  if (p.kpm != nullptr)
+    return "the wgmma kernel has no key_padding_mask (TMA cannot skip masked V rows, which may hold NaN; "
+           "the mma kernel zero-fills them)";
   if (p.Lk == 0) return "the wgmma kernel needs Lk > 0";
   if (p.lse == nullptr) return "the wgmma kernel writes lse (got NULL)";
   if (hopper::encode_tiled_fn() == nullptr) return "cuTensorMapEncodeTiled is not available from the driver";

@@ -55,11 +55,13 @@ FL_API fl_status fl_check_device(int32_t device);
 
 /* ---------------------------------------------------------------- layer norm
  * LayerNorm (rms = 0) or RMSNorm (rms = 1) over the last dimension of a (rows, cols) matrix whose
- * rows may be strided (inner stride 1), with an optional fused residual add:
+ * rows may be strided (inner stride 1, row stride >= 0), with an optional fused residual add:
  *   s = residual ? x + residual (rounded to dtype, written to residual_out) : x
  *   y = (s - mean) * rstd * weight + bias      (rms: y = s * rstd * weight, mean unused)
  * Statistics in fp32; mean/rstd (rows,) fp32 are written for the backward (mean NULL when rms).
- * weight/bias may be NULL (no affine / no bias).  All tensors share `dtype`. */
+ * weight/bias (cols,) contiguous, may be NULL (no affine / no bias).  x, residual, y, residual_out
+ * (and dy, ds, dresidual_out) have `dtype`; weight, bias (and dweight, dbias) have `param_dtype`,
+ * which is `dtype` or FL_F32 (fp16/bf16 activations with fp32 parameters). */
 FL_API fl_status fl_layer_norm_fwd(const void* x, int64_t x_row_stride,
                                    const void* residual, int64_t residual_row_stride,
                                    const void* weight, const void* bias,
@@ -67,7 +69,7 @@ FL_API fl_status fl_layer_norm_fwd(const void* x, int64_t x_row_stride,
                                    void* residual_out, int64_t residual_out_row_stride,
                                    float* mean, float* rstd,
                                    int64_t rows, int64_t cols, float eps, int32_t rms,
-                                   int32_t dtype, void* stream);
+                                   int32_t dtype, int32_t param_dtype, void* stream);
 /* Bytes of workspace fl_layer_norm_bwd needs (fp32 partial sums of dweight/dbias). */
 FL_API fl_status fl_layer_norm_bwd_workspace_size(int64_t rows, int64_t cols, size_t* bytes);
 /* Gradients.  s is the normalised input saved by the forward (x, or residual_out).
@@ -82,7 +84,14 @@ FL_API fl_status fl_layer_norm_bwd(const void* dy, int64_t dy_row_stride,
                                    void* dweight, void* dbias,
                                    void* workspace, size_t workspace_bytes,
                                    int64_t rows, int64_t cols, int32_t rms,
-                                   int32_t dtype, void* stream);
+                                   int32_t dtype, int32_t param_dtype, void* stream);
+/* The launches fl_layer_norm_fwd (backward = 0) or fl_layer_norm_bwd (backward = 1, dweight or
+ * dbias wanted) makes for (rows, cols) at vector width vector_width (16 / element size when every
+ * pointer is 16-byte aligned and every row stride a multiple of it, else 1): *count (<= 3; 0 when
+ * rows == 0) rows of {grid.x, grid.y, grid.z, block.x, block.y, block.z} written to dims (room for
+ * 18). The entry points launch exactly these, so tests check grid limits without a GPU. */
+FL_API fl_status fl_layer_norm_launch_dims(int64_t rows, int64_t cols, int32_t backward,
+                                           int32_t vector_width, int64_t* dims, int32_t* count);
 
 /* ---------------------------------------------------------------- attention
  * Scaled dot-product attention, FlashAttention-2 style, fp16 / bf16 (dtype 1 / 2), head dims as
@@ -90,14 +99,22 @@ FL_API fl_status fl_layer_norm_bwd(const void* dy, int64_t dy_row_stride,
  * q, o (B, Lq, H, D); k, v (B, Lk, H, D): each with (b, l, h) strides in elements (multiples of
  * 8) and a contiguous, 16-byte aligned head dim.  lse (B, H, Lq) fp32 contiguous: natural log of
  * sum_j exp(scale q.k_j) over attended keys; +inf (and o = 0) for a row that attends no key.
- * key_padding_mask (B, Lk) uint8 / bool with (b, l) strides, nonzero = attend, NULL = none.
+ * key_padding_mask (B, Lk) uint8 / bool with (b, l) strides, nonzero = attend, NULL = none.  A
+ * masked key never affects o, lse or any gradient, whatever its k / v rows hold (NaN, inf): its
+ * rows are zero-filled on load, never read; its dk, dv are 0.  (Causally hidden keys are real
+ * tokens: no such guarantee.)
  * causal != 0: bottom-right aligned, query i attends key j iff j <= i + Lk - Lq.
  * Dropout (0 <= dropout_p < 1) on the normalised probabilities, kept values scaled by 1/(1-p),
  * keep iff ((philox4x32-10(key (seed_lo, seed_hi), counter (c_lo, c_hi, 0, 0)).x >> 8) * 2^-24
  * >= dropout_p with c = offset + ((b*H + h)*Lq + i)*Lk + j (the mask of every fastlayers backend).
+ * rng_state: DEVICE pointer to int64 [seed, offset] (seed in [0, 2^62)), read by the kernels when
+ * they run -- so a captured CUDA graph replayed after the state was redrawn in place draws a fresh
+ * mask; may be NULL when dropout_p == 0.
+ * Any B, H, Lq, Lk below 2^31 launches (B*H up to 65535^2): fl_attention_grid gives each kernel's grid.
  * impl picks the kernel (stateless; the Python launcher reads FASTLAYERS_CUDA_ATTENTION):
  * FL_ATTENTION_IMPL_AUTO = the sm_90a wgmma/TMA kernel when the build has it, the device is
- * sm_90, D is 64 or 128, dropout_p == 0 and the tensors suit TMA, else the mma.sync kernel;
+ * sm_90, D is 64 or 128, dropout_p == 0, no key_padding_mask and the tensors suit TMA, else the
+ * mma.sync kernel;
  * _MMA = always the mma.sync kernel; _WGMMA = the wgmma kernel or FL_ERR_UNSUPPORTED with the
  * reason.  fl_build_info()["attention_fwd_impls"] lists the kernels this build has. */
 enum { FL_ATTENTION_IMPL_AUTO = 0, FL_ATTENTION_IMPL_MMA = 1, FL_ATTENTION_IMPL_WGMMA = 2 };
@@ -108,7 +125,7 @@ FL_API fl_status fl_attention_fwd(const void* q, int64_t q_b, int64_t q_l, int64
                                   const uint8_t* key_padding_mask, int64_t kpm_b, int64_t kpm_l,
                                   int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
                                   float softmax_scale, int32_t causal, float dropout_p,
-                                  uint64_t seed, uint64_t offset, int32_t impl, int32_t dtype,
+                                  const int64_t* rng_state, int32_t impl, int32_t dtype,
                                   void* stream);
 /* Bytes of workspace fl_attention_bwd needs (delta, and the fp32 dq accumulator when
  * deterministic == 0); the workspace must be 256-byte aligned. */
@@ -129,7 +146,7 @@ FL_API fl_status fl_attention_bwd(const void* dout, int64_t do_b, int64_t do_l, 
                                   void* workspace, size_t workspace_bytes,
                                   int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
                                   float softmax_scale, int32_t causal, float dropout_p,
-                                  uint64_t seed, uint64_t offset, int32_t deterministic,
+                                  const int64_t* rng_state, int32_t deterministic,
                                   int32_t dtype, void* stream);
 /* Bytes of fp32 workspace fl_attention_kvcache_fwd needs (split-KV partials; 0 when one split
  * suffices).  Depends on the current device's SM count; ask with the same device current. */
@@ -138,9 +155,11 @@ FL_API fl_status fl_attention_kvcache_workspace_size(int64_t B, int64_t Lq, int6
 /* Decode step: k_cache, v_cache (B, Lmax, H, D) are written in place at rows
  * cache_seqlens[b] .. cache_seqlens[b] + Lq - 1 from k_new, v_new (B, Lq, H, D) when those are
  * given (both or neither); q then attends keys 0 .. cache_seqlens[b] (+ Lq with new keys) - 1,
- * bottom-right causal when causal != 0.  cache_seqlens (B,) int32 stays on the device (no host
- * sync; the launch sequence depends on host sizes only, so it is CUDA-graph capturable); the caller
- * keeps cache_seqlens[b] + Lq <= Lmax (rows past Lmax are neither written nor attended). */
+ * bottom-right causal when causal != 0.  cache_seqlens (B,) int32 contiguous stays on the device
+ * (no host sync; the launch sequence depends on host sizes only, so it is CUDA-graph capturable).
+ * Cache slots at and past a row's length are never read (NaN / inf there cannot leak in).  A row
+ * whose length is bad -- cache_seqlens[b] < 0 or cache_seqlens[b] + (Lq with new keys, else 0) >
+ * Lmax -- gets nothing written to its caches and NaN output rows (loud and memory-safe). */
 FL_API fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
                                           void* k_cache, int64_t kc_b, int64_t kc_l, int64_t kc_h,
                                           void* v_cache, int64_t vc_b, int64_t vc_l, int64_t vc_h,
@@ -152,6 +171,23 @@ FL_API fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_
                                           int64_t B, int64_t Lq, int64_t Lmax, int64_t H, int64_t D,
                                           float softmax_scale, int32_t causal, int32_t dtype,
                                           void* stream);
+
+/* Launch grid of each attention kernel, as the entry points above compute it (so a CPU test can
+ * check every axis against the CUDA limits -- x <= 2^31 - 1, y, z <= 65535 -- at extreme sizes):
+ * grid[0..2] = (x, y, z).  num_splits: the kv-cache split count (>= 1; 1 elsewhere).  Returns
+ * FL_ERR_INVALID when a size is out of range or an axis would exceed its limit. */
+enum {
+  FL_ATTENTION_KERNEL_FWD = 0,             /* forward, and the kv-cache split pass */
+  FL_ATTENTION_KERNEL_FWD_SM90 = 1,        /* sm_90a wgmma/TMA forward */
+  FL_ATTENTION_KERNEL_BWD_PREPROCESS = 2,  /* delta = rowsum(dO * O) */
+  FL_ATTENTION_KERNEL_BWD_DKDV = 3,
+  FL_ATTENTION_KERNEL_BWD_DQ = 4,          /* deterministic dq */
+  FL_ATTENTION_KERNEL_BWD_DQ_CONVERT = 5,  /* atomic-mode dq: fp32 accumulator -> dtype */
+  FL_ATTENTION_KERNEL_KVCACHE_APPEND = 6,
+  FL_ATTENTION_KERNEL_KVCACHE_COMBINE = 7,
+};
+FL_API fl_status fl_attention_grid(int32_t kernel, int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D,
+                                   int64_t num_splits, int64_t* grid);
 
 /* ---------------------------------------------------------------- linear
  * y = act(x @ weight^T + bias) + residual on tensor cores (fp16/bf16 only, fp32 accumulation,
@@ -194,6 +230,17 @@ FL_API fl_status fl_linear_bwd_dw(const void* dy, int64_t dy_row_stride,
                                   void* dweight, int64_t dweight_row_stride, void* dbias,
                                   int64_t M, int64_t N, int64_t K, int32_t activation,
                                   int32_t dtype, void* stream);
+/* The launch grid (x, y, z) of one linear kernel, computed by the same planner its entry point
+ * launches with, for a device with num_sms SMs; touches no device (CPU tests check it against
+ * CUDA's limits on extreme shapes). kernel: FL_LINEAR_KERNEL_FWD (mma.sync forward), _BWD_DX,
+ * _BWD_DW (with dbias), _FWD_WGMMA (the sm_90a forward); M, N, K as the entry points take them;
+ * aligned != 0: the operands take the 16-byte path (ignored by _FWD_WGMMA). grid = (0, 0, 0) when
+ * the entry point launches nothing. FL_ERR_INVALID for a size out of range, or a grid past CUDA's
+ * limits (x <= 2^31 - 1, y, z <= 65535), which the entry point refuses the same way. */
+enum { FL_LINEAR_KERNEL_FWD = 0, FL_LINEAR_KERNEL_BWD_DX = 1, FL_LINEAR_KERNEL_BWD_DW = 2,
+       FL_LINEAR_KERNEL_FWD_WGMMA = 3 };
+FL_API fl_status fl_linear_grid(int32_t kernel, int64_t M, int64_t N, int64_t K, int32_t aligned,
+                                int32_t num_sms, int64_t* grid);
 
 #ifdef __cplusplus
 }

@@ -1,8 +1,17 @@
 // layer_norm.cu -- LayerNorm / RMSNorm with a fused residual add, forward and backward, behind the
-// C ABI of fastlayers.h (fl_layer_norm_fwd, fl_layer_norm_bwd_workspace_size, fl_layer_norm_bwd).
+// C ABI of fastlayers.h (fl_layer_norm_fwd, fl_layer_norm_bwd_workspace_size, fl_layer_norm_bwd,
+// fl_layer_norm_launch_dims).
 //
-// Layout: (rows, cols) matrices, inner stride 1, any row stride (in elements); weight/bias (cols,).
-// Statistics and every accumulation in fp32.  Callers: pytorch_ext/cuda_ops/layer_norm.py.
+// Layout: (rows, cols) matrices, inner stride 1, any row stride (in elements, 0 included);
+// weight/bias (cols,) contiguous.  Element types: T (x, residual, y, residual_out, dy, ds) and P
+// (weight, bias, dweight, dbias) with P = T or P = float (fp16/bf16 activations with fp32
+// parameters); only those (T, P) pairs are instantiated.  Statistics and every accumulation in fp32.
+// Callers: pytorch_ext/cuda_ops/layer_norm.py.
+//
+// Grids: every launch's grid and block come from fwd_launch / bwd_launches ((rows, cols, vector
+// width) only), which fl_layer_norm_launch_dims reports, so CPU tests check the limits for any
+// shape.  Row-parallel grids are capped at kMaxGrid and walked by grid-stride loops with 64-bit
+// row indices; the other axes are bounded by cols (<= 65536) and the partial-row counts.
 //
 // Kernel choice depends on cols only (plus whether 16-byte vectors are legal), so the number of
 // dweight/dbias partial rows -- and hence the workspace size -- is a function of (rows, cols):
@@ -73,13 +82,19 @@ struct alignas(sizeof(T) * VW) Pack {
   T v[VW];
 };
 
-// VW elements of `row` from column `col` (a multiple of VW) as floats; zeros past `cols`.
+// VW elements of `row` from column `col` (a multiple of VW) as floats; zeros past `cols`. Accesses
+// are at most 16 bytes (VW float parameters beside VW = 8 half activations take two).
 template <typename T, int VW>
 __device__ __forceinline__ void load_floats(const T* row, int col, int cols, float (&out)[VW]) {
+  constexpr int kChunk = VW * sizeof(T) > 16 ? 16 / static_cast<int>(sizeof(T)) : VW;
+  static_assert(VW % kChunk == 0, "vector width must be a multiple of the 16-byte chunk");
   if (col + VW <= cols) {
-    const Pack<T, VW> p = *reinterpret_cast<const Pack<T, VW>*>(row + col);
 #pragma unroll
-    for (int j = 0; j < VW; ++j) out[j] = to_float<T>(p.v[j]);
+    for (int c = 0; c < VW; c += kChunk) {
+      const Pack<T, kChunk> p = *reinterpret_cast<const Pack<T, kChunk>*>(row + col + c);
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) out[c + j] = to_float<T>(p.v[j]);
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < VW; ++j) out[j] = col + j < cols ? to_float<T>(row[col + j]) : 0.f;
@@ -218,12 +233,12 @@ __device__ __forceinline__ void load_input(const FwdArgs& a, int64_t row, int co
   }
 }
 
-template <typename T, int VW>
+template <typename T, typename P, int VW>
 __device__ __forceinline__ void store_output(const FwdArgs& a, int64_t row, int col, float mu, float rs,
                                              const float (&v)[VW]) {
   float w[VW], b[VW], out[VW];
-  load_or<T, VW>(static_cast<const T*>(a.weight), col, a.cols, 1.f, w);
-  load_or<T, VW>(static_cast<const T*>(a.bias), col, a.cols, 0.f, b);
+  load_or<P, VW>(static_cast<const P*>(a.weight), col, a.cols, 1.f, w);
+  load_or<P, VW>(static_cast<const P*>(a.bias), col, a.cols, 0.f, b);
 #pragma unroll
   for (int j = 0; j < VW; ++j) out[j] = (v[j] - mu) * rs * w[j] + b[j];
   store_floats<T, VW>(static_cast<T*>(a.y) + row * a.y_stride, col, a.cols, out);
@@ -231,7 +246,7 @@ __device__ __forceinline__ void store_output(const FwdArgs& a, int64_t row, int 
 
 // TPR threads per row (32: a warp, RPB rows per block; else the block, RPB = 1); each thread holds
 // NV vectors of VW elements at columns (i * TPR + lane) * VW.
-template <typename T, int VW, int NV, int TPR, int RPB>
+template <typename T, typename P, int VW, int NV, int TPR, int RPB>
 __global__ void __launch_bounds__(TPR * RPB) layer_norm_fwd_kernel(const FwdArgs a) {
   static_assert(RPB == 1 || TPR == 32, "several rows per block only with one warp per row");
   __shared__ float scratch[32];
@@ -275,14 +290,14 @@ __global__ void __launch_bounds__(TPR * RPB) layer_norm_fwd_kernel(const FwdArgs
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int col = (i * TPR + lane) * VW;
-      if (col < a.cols) store_output<T, VW>(a, row, col, mu, rs, v[i]);
+      if (col < a.cols) store_output<T, P, VW>(a, row, col, mu, rs, v[i]);
     }
   }
 }
 
 // Large cols: one row per block; a chunked Welford pass, then a second pass that re-reads the row
 // (from residual_out when there is a residual: this thread wrote exactly those columns).
-template <typename T, int VW>
+template <typename T, typename P, int VW>
 __global__ void __launch_bounds__(kLoopThreads) layer_norm_fwd_loop_kernel(const FwdArgs a) {
   __shared__ float scratch[3 * 32];
   const int step = kLoopThreads * VW;
@@ -327,36 +342,67 @@ __global__ void __launch_bounds__(kLoopThreads) layer_norm_fwd_loop_kernel(const
     for (int col = threadIdx.x * VW; col < a.cols; col += step) {
       float v[VW];
       load_floats<T, VW>(src, col, a.cols, v);
-      store_output<T, VW>(a, row, col, mu, rs, v);
+      store_output<T, P, VW>(a, row, col, mu, rs, v);
     }
   }
 }
 
-template <typename T, int VW, int NV, int TPR, int RPB>
-fl_status run_fwd(const FwdArgs& a, cudaStream_t st) {
-  const int64_t grid = std::min(ceil_div(a.rows, RPB), kMaxGrid);
-  layer_norm_fwd_kernel<T, VW, NV, TPR, RPB><<<static_cast<unsigned>(grid), TPR * RPB, 0, st>>>(a);
+// ------------------------------------------------------------------------------- launch plans
+// Grid and block of every launch, from (rows, cols, vector width) alone. The launchers below take
+// their dims from here (and refuse a kernel whose block size disagrees); fl_layer_norm_launch_dims
+// reports the same values, so a CPU test can check the grid limits for shapes no GPU could hold.
+struct Launch {
+  dim3 grid, block;
+};
+
+unsigned grid_1d(int64_t blocks) { return static_cast<unsigned>(std::min(blocks, kMaxGrid)); }
+
+// Threads per row of the one-row-per-block kernels: the fewest that cover cols at max_ept each.
+unsigned block_threads(int64_t cols, int max_ept) {
+  if (cols <= 128 * max_ept) return 128;
+  if (cols <= 256 * max_ept) return 256;
+  return 512;
+}
+
+Launch fwd_launch(int64_t rows, int64_t cols) {
+  if (cols <= kFwdWarpMaxCols) return {dim3(grid_1d(ceil_div(rows, kFwdWarpRows))), dim3(32 * kFwdWarpRows)};
+  if (cols <= kFwdBlockMaxCols) return {dim3(grid_1d(rows)), dim3(block_threads(cols, kFwdMaxEpt))};
+  return {dim3(grid_1d(rows)), dim3(kLoopThreads)};
+}
+
+inline fl_status check_block(const Launch& l, int threads, const char* kernel) {
+  if (l.block.x * l.block.y * l.block.z != static_cast<unsigned>(threads))
+    return set_error(FL_ERR_INVALID, std::string(kernel) + ": launch plan and kernel disagree on the block size "
+                                     "(a bug in layer_norm.cu)");
+  return FL_OK;
+}
+
+template <typename T, typename P, int VW, int NV, int TPR, int RPB>
+fl_status run_fwd(const FwdArgs& a, const Launch& l, cudaStream_t st) {
+  FL_RETURN_IF_ERROR(check_block(l, TPR * RPB, "layer_norm_fwd_kernel"));
+  layer_norm_fwd_kernel<T, P, VW, NV, TPR, RPB><<<l.grid, l.block, 0, st>>>(a);
   return check_launch("layer_norm_fwd_kernel");
 }
 
 // Smallest NV (doubling) whose warp covers cols.
-template <typename T, int VW, int NV>
-fl_status fwd_warp(const FwdArgs& a, cudaStream_t st) {
+template <typename T, typename P, int VW, int NV>
+fl_status fwd_warp(const FwdArgs& a, const Launch& l, cudaStream_t st) {
   if constexpr (NV * 2 * VW <= kFwdMaxEpt) {
-    if (a.cols > 32 * VW * NV) return fwd_warp<T, VW, NV * 2>(a, st);
+    if (a.cols > 32 * VW * NV) return fwd_warp<T, P, VW, NV * 2>(a, l, st);
   }
-  return run_fwd<T, VW, NV, 32, kFwdWarpRows>(a, st);
+  return run_fwd<T, P, VW, NV, 32, kFwdWarpRows>(a, l, st);
 }
 
-template <typename T, int VW>
+template <typename T, typename P, int VW>
 fl_status fwd_vw(const FwdArgs& a, cudaStream_t st) {
   constexpr int NV = kFwdMaxEpt / VW;
-  if (a.cols <= kFwdWarpMaxCols) return fwd_warp<T, VW, 1>(a, st);
-  if (a.cols <= 128 * kFwdMaxEpt) return run_fwd<T, VW, NV, 128, 1>(a, st);
-  if (a.cols <= 256 * kFwdMaxEpt) return run_fwd<T, VW, NV, 256, 1>(a, st);
-  if (a.cols <= kFwdBlockMaxCols) return run_fwd<T, VW, NV, 512, 1>(a, st);
-  const int64_t grid = std::min(a.rows, kMaxGrid);
-  layer_norm_fwd_loop_kernel<T, VW><<<static_cast<unsigned>(grid), kLoopThreads, 0, st>>>(a);
+  const Launch l = fwd_launch(a.rows, a.cols);
+  if (a.cols <= kFwdWarpMaxCols) return fwd_warp<T, P, VW, 1>(a, l, st);
+  if (a.cols <= 128 * kFwdMaxEpt) return run_fwd<T, P, VW, NV, 128, 1>(a, l, st);
+  if (a.cols <= 256 * kFwdMaxEpt) return run_fwd<T, P, VW, NV, 256, 1>(a, l, st);
+  if (a.cols <= kFwdBlockMaxCols) return run_fwd<T, P, VW, NV, 512, 1>(a, l, st);
+  FL_RETURN_IF_ERROR(check_block(l, kLoopThreads, "layer_norm_fwd_loop_kernel"));
+  layer_norm_fwd_loop_kernel<T, P, VW><<<l.grid, l.block, 0, st>>>(a);
   return check_launch("layer_norm_fwd_loop_kernel");
 }
 
@@ -407,7 +453,7 @@ __device__ __forceinline__ void store_ds(const BwdArgs& a, int64_t row, int col,
 
 // Rows as in the forward kernel; the block accumulates dweight/dbias over its rows in registers
 // and writes one partial row (warps of a block are summed in warp order through shared memory).
-template <typename T, int VW, int NV, int TPR, int RPB>
+template <typename T, typename P, int VW, int NV, int TPR, int RPB>
 __global__ void __launch_bounds__(TPR * RPB) layer_norm_bwd_kernel(const BwdArgs a) {
   static_assert(RPB == 1 || TPR == 32, "several rows per block only with one warp per row");
   constexpr int kCap = TPR * NV * VW;  // columns one row group covers
@@ -415,7 +461,7 @@ __global__ void __launch_bounds__(TPR * RPB) layer_norm_bwd_kernel(const BwdArgs
   __shared__ float part[RPB > 1 ? 2 * RPB * kCap : 1];
   const int lane = threadIdx.x % TPR, group = threadIdx.x / TPR;
   const float inv_cols = 1.f / a.cols;
-  const T* weight = static_cast<const T*>(a.weight);
+  const P* weight = static_cast<const P*>(a.weight);
   float dw[NV][VW], db[NV][VW];
 #pragma unroll
   for (int i = 0; i < NV; ++i)
@@ -436,7 +482,7 @@ __global__ void __launch_bounds__(TPR * RPB) layer_norm_bwd_kernel(const BwdArgs
       if (col < a.cols) {
         load_floats<T, VW>(s_row, col, a.cols, xhat[i]);
         load_floats<T, VW>(dy_row, col, a.cols, g);
-        load_or<T, VW>(weight, col, a.cols, 1.f, w);
+        load_or<P, VW>(weight, col, a.cols, 1.f, w);
       } else {
 #pragma unroll
         for (int j = 0; j < VW; ++j) xhat[i][j] = g[j] = w[j] = 0.f;
@@ -505,10 +551,10 @@ __global__ void __launch_bounds__(TPR * RPB) layer_norm_bwd_kernel(const BwdArgs
 }
 
 // Large cols, step 1: per row mean(w dy) and mean(w dy xhat) into row_sums.
-template <typename T, int VW>
+template <typename T, typename P, int VW>
 __global__ void __launch_bounds__(kLoopThreads) layer_norm_bwd_row_sums_kernel(const BwdArgs a) {
   __shared__ float scratch[32];
-  const T* weight = static_cast<const T*>(a.weight);
+  const P* weight = static_cast<const P*>(a.weight);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
     const T* dy_row = static_cast<const T*>(a.dy) + row * a.dy_stride;
@@ -519,7 +565,7 @@ __global__ void __launch_bounds__(kLoopThreads) layer_norm_bwd_row_sums_kernel(c
       float x[VW], g[VW], w[VW];
       load_floats<T, VW>(s_row, col, a.cols, x);
       load_floats<T, VW>(dy_row, col, a.cols, g);
-      load_or<T, VW>(weight, col, a.cols, 1.f, w);
+      load_or<P, VW>(weight, col, a.cols, 1.f, w);
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
         const float wdy = w[j] * g[j];
@@ -538,12 +584,12 @@ __global__ void __launch_bounds__(kLoopThreads) layer_norm_bwd_row_sums_kernel(c
 
 // Large cols, step 2: block (x: a tile of kColThreads * VW columns, y: partial p) handles rows
 // p, p + P, ...; ds from row_sums, dweight/dbias partials of its tile in registers.
-template <typename T, int VW>
+template <typename T, typename P, int VW>
 __global__ void __launch_bounds__(kColThreads) layer_norm_bwd_cols_kernel(const BwdArgs a) {
   const int col = (blockIdx.x * kColThreads + threadIdx.x) * VW;
   if (col >= a.cols) return;  // no block-wide synchronisation below
   float w[VW], dw[VW], db[VW];
-  load_or<T, VW>(static_cast<const T*>(a.weight), col, a.cols, 1.f, w);
+  load_or<P, VW>(static_cast<const P*>(a.weight), col, a.cols, 1.f, w);
 #pragma unroll
   for (int j = 0; j < VW; ++j) dw[j] = db[j] = 0.f;
   for (int64_t row = blockIdx.y; row < a.rows; row += gridDim.y) {
@@ -572,13 +618,13 @@ __global__ void __launch_bounds__(kColThreads) layer_norm_bwd_cols_kernel(const 
 }
 
 // out[c] = sum_p part[p, c] in a fixed order (8 strided lanes of p, then the lanes in order).
-// blockIdx.y: 0 -> dweight, 1 -> dbias.
-template <typename T>
+// blockIdx.y: 0 -> dweight, 1 -> dbias; P: the parameters' type.
+template <typename P>
 __global__ void __launch_bounds__(256) layer_norm_bwd_reduce_kernel(const float* dw_part, const float* db_part,
-                                                                    T* dweight, T* dbias, int64_t partials,
+                                                                    P* dweight, P* dbias, int64_t partials,
                                                                     int cols) {
   const float* part = blockIdx.y == 0 ? dw_part : db_part;
-  T* out = blockIdx.y == 0 ? dweight : dbias;
+  P* out = blockIdx.y == 0 ? dweight : dbias;
   if (part == nullptr) return;  // uniform over the block
   __shared__ float acc[8][33];
   const int col = blockIdx.x * 32 + threadIdx.x;
@@ -591,46 +637,93 @@ __global__ void __launch_bounds__(256) layer_norm_bwd_reduce_kernel(const float*
     float total = 0.f;
 #pragma unroll
     for (int k = 0; k < 8; ++k) total += acc[k][threadIdx.x];
-    out[col] = from_float<T>(total);
+    out[col] = from_float<P>(total);
   }
 }
 
-template <typename T, int VW, int NV, int TPR, int RPB>
-fl_status run_bwd(const BwdArgs& a, int64_t partials, cudaStream_t st) {
-  layer_norm_bwd_kernel<T, VW, NV, TPR, RPB><<<static_cast<unsigned>(partials), TPR * RPB, 0, st>>>(a);
+// Backward launches, in order: [row sums (column-tiled path only)], the main kernel, the reduce
+// (run when dweight or dbias is wanted). Returns their count (<= kMaxBwdLaunches).
+constexpr int kMaxBwdLaunches = 3;
+int bwd_launches(int64_t rows, int64_t cols, int vw, Launch (&out)[kMaxBwdLaunches]) {
+  const unsigned partials = static_cast<unsigned>(bwd_partials(rows, cols));  // <= kWarpPartials
+  int n = 0;
+  switch (bwd_path(cols)) {
+    case BwdPath::kWarp: out[n++] = {dim3(partials), dim3(32 * kBwdWarpRows)}; break;
+    case BwdPath::kBlock: out[n++] = {dim3(partials), dim3(block_threads(cols, kBwdMaxEpt))}; break;
+    default:
+      out[n++] = {dim3(grid_1d(rows)), dim3(kLoopThreads)};
+      out[n++] = {dim3(static_cast<unsigned>(ceil_div(cols, kColThreads * vw)), partials), dim3(kColThreads)};
+  }
+  out[n++] = {dim3(static_cast<unsigned>(ceil_div(cols, 32)), 2), dim3(32, 8)};
+  return n;
+}
+
+template <typename T, typename P, int VW, int NV, int TPR, int RPB>
+fl_status run_bwd(const BwdArgs& a, const Launch& l, cudaStream_t st) {
+  FL_RETURN_IF_ERROR(check_block(l, TPR * RPB, "layer_norm_bwd_kernel"));
+  layer_norm_bwd_kernel<T, P, VW, NV, TPR, RPB><<<l.grid, l.block, 0, st>>>(a);
   return check_launch("layer_norm_bwd_kernel");
 }
 
-template <typename T, int VW, int NV>
-fl_status bwd_warp(const BwdArgs& a, int64_t partials, cudaStream_t st) {
+template <typename T, typename P, int VW, int NV>
+fl_status bwd_warp(const BwdArgs& a, const Launch& l, cudaStream_t st) {
   if constexpr (NV * 2 * VW <= kBwdMaxEpt) {
-    if (a.cols > 32 * VW * NV) return bwd_warp<T, VW, NV * 2>(a, partials, st);
+    if (a.cols > 32 * VW * NV) return bwd_warp<T, P, VW, NV * 2>(a, l, st);
   }
-  return run_bwd<T, VW, NV, 32, kBwdWarpRows>(a, partials, st);
+  return run_bwd<T, P, VW, NV, 32, kBwdWarpRows>(a, l, st);
 }
 
-template <typename T, int VW>
-fl_status bwd_vw(const BwdArgs& a, int64_t partials, cudaStream_t st) {
+// Every launch of the backward, the reduce included; P: the parameters' type.
+template <typename T, typename P, int VW>
+fl_status bwd_vw(const BwdArgs& a, P* dweight, P* dbias, int64_t partials, cudaStream_t st) {
   constexpr int NV = kBwdMaxEpt / VW;
+  Launch l[kMaxBwdLaunches];
+  const int n = bwd_launches(a.rows, a.cols, VW, l);
   switch (bwd_path(a.cols)) {
-    case BwdPath::kWarp: return bwd_warp<T, VW, 1>(a, partials, st);
+    case BwdPath::kWarp: FL_RETURN_IF_ERROR((bwd_warp<T, P, VW, 1>(a, l[0], st))); break;
     case BwdPath::kBlock:
-      if (a.cols <= 128 * kBwdMaxEpt) return run_bwd<T, VW, NV, 128, 1>(a, partials, st);
-      if (a.cols <= 256 * kBwdMaxEpt) return run_bwd<T, VW, NV, 256, 1>(a, partials, st);
-      return run_bwd<T, VW, NV, 512, 1>(a, partials, st);
-    default: {
-      const int64_t grid = std::min(a.rows, kMaxGrid);
-      layer_norm_bwd_row_sums_kernel<T, VW><<<static_cast<unsigned>(grid), kLoopThreads, 0, st>>>(a);
+      if (a.cols <= 128 * kBwdMaxEpt) {
+        FL_RETURN_IF_ERROR((run_bwd<T, P, VW, NV, 128, 1>(a, l[0], st)));
+      } else if (a.cols <= 256 * kBwdMaxEpt) {
+        FL_RETURN_IF_ERROR((run_bwd<T, P, VW, NV, 256, 1>(a, l[0], st)));
+      } else {
+        FL_RETURN_IF_ERROR((run_bwd<T, P, VW, NV, 512, 1>(a, l[0], st)));
+      }
+      break;
+    default:
+      FL_RETURN_IF_ERROR(check_block(l[0], kLoopThreads, "layer_norm_bwd_row_sums_kernel"));
+      layer_norm_bwd_row_sums_kernel<T, P, VW><<<l[0].grid, l[0].block, 0, st>>>(a);
       FL_RETURN_IF_ERROR(check_launch("layer_norm_bwd_row_sums_kernel"));
-      const dim3 tiles(static_cast<unsigned>(ceil_div(a.cols, kColThreads * VW)), static_cast<unsigned>(partials));
-      layer_norm_bwd_cols_kernel<T, VW><<<tiles, kColThreads, 0, st>>>(a);
-      return check_launch("layer_norm_bwd_cols_kernel");
-    }
+      FL_RETURN_IF_ERROR(check_block(l[1], kColThreads, "layer_norm_bwd_cols_kernel"));
+      layer_norm_bwd_cols_kernel<T, P, VW><<<l[1].grid, l[1].block, 0, st>>>(a);
+      FL_RETURN_IF_ERROR(check_launch("layer_norm_bwd_cols_kernel"));
   }
+  if (dweight == nullptr && dbias == nullptr) return FL_OK;
+  const Launch& r = l[n - 1];
+  layer_norm_bwd_reduce_kernel<P><<<r.grid, r.block, 0, st>>>(a.dw_part, a.db_part, dweight, dbias, partials,
+                                                               a.cols);
+  return check_launch("layer_norm_bwd_reduce_kernel");
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Runs body(TypeTag<T>, TypeTag<P>) for the (T, P) pair of (dtype, param_dtype): P = T or float
+// (param_dtype is validated by the caller). T = float gives one pair, so only (half, float) and
+// (bfloat16, float) are added to the same-type instantiations.
+template <typename Body>
+fl_status dispatch_types(int32_t dtype, int32_t param_dtype, const char* name, Body&& body) {
+  return FL_DISPATCH_DTYPE(dtype, name, [&]() -> fl_status {
+    if (param_dtype == dtype) return body(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
+    return body(TypeTag<scalar_t>{}, TypeTag<float>{});
+  });
 }
 
 const bool kInfoRegistered = register_info(
-    "layer_norm", "{\"max_cols\": 65536, \"dtypes\": [\"float32\", \"float16\", \"bfloat16\"]}");
+    "layer_norm", "{\"max_cols\": 65536, \"dtypes\": [\"float32\", \"float16\", \"bfloat16\"], "
+                  "\"param_dtypes\": [\"dtype\", \"float32\"]}");
 
 }  // namespace
 }  // namespace fl
@@ -640,7 +733,8 @@ extern "C" {
 fl_status fl_layer_norm_fwd(const void* x, int64_t x_row_stride, const void* residual, int64_t residual_row_stride,
                             const void* weight, const void* bias, void* y, int64_t y_row_stride,
                             void* residual_out, int64_t residual_out_row_stride, float* mean, float* rstd,
-                            int64_t rows, int64_t cols, float eps, int32_t rms, int32_t dtype, void* stream) {
+                            int64_t rows, int64_t cols, float eps, int32_t rms, int32_t dtype,
+                            int32_t param_dtype, void* stream) {
   using namespace fl;
   FL_REQUIRE(rows >= 0, "fl_layer_norm_fwd: rows must be >= 0, got %lld", (long long)rows);
   FL_REQUIRE(cols >= 1 && cols <= kMaxCols, "fl_layer_norm_fwd: cols must be in [1, %d], got %lld", kMaxCols,
@@ -648,6 +742,8 @@ fl_status fl_layer_norm_fwd(const void* x, int64_t x_row_stride, const void* res
   FL_REQUIRE(rms == 0 || rms == 1, "fl_layer_norm_fwd: rms must be 0 or 1, got %d", (int)rms);
   FL_REQUIRE(eps >= 0.f && eps < INFINITY, "fl_layer_norm_fwd: eps must be finite and >= 0, got %g", (double)eps);
   FL_REQUIRE(dtype >= FL_F32 && dtype <= FL_BF16, "fl_layer_norm_fwd: dtype must be 0, 1 or 2, got %d", (int)dtype);
+  FL_REQUIRE(param_dtype == dtype || param_dtype == FL_F32,
+             "fl_layer_norm_fwd: param_dtype must be dtype (%d) or 0 (f32), got %d", (int)dtype, (int)param_dtype);
   if (rows == 0) return FL_OK;
   FL_REQUIRE(x != nullptr, "fl_layer_norm_fwd: x must not be NULL");
   FL_REQUIRE(y != nullptr, "fl_layer_norm_fwd: y must not be NULL");
@@ -666,12 +762,14 @@ fl_status fl_layer_norm_fwd(const void* x, int64_t x_row_stride, const void* res
             residual ? residual_out : nullptr, residual ? residual_out_row_stride : 0,
             rms ? nullptr : mean, rstd, rows, static_cast<int>(cols), eps, rms != 0};
   const cudaStream_t st = as_stream(stream);
-  return FL_DISPATCH_DTYPE(dtype, "fl_layer_norm_fwd", [&]() -> fl_status {
-    constexpr int VW = 16 / sizeof(scalar_t);
+  return dispatch_types(dtype, param_dtype, "fl_layer_norm_fwd", [&](auto t, auto p) -> fl_status {
+    using T = typename decltype(t)::type;
+    using P = typename decltype(p)::type;
+    constexpr int VW = 16 / sizeof(T);
     if (aligned16({a.x, a.residual, a.weight, a.bias, a.y, a.residual_out},
                   {a.x_stride, a.residual_stride, a.y_stride, a.residual_out_stride}, VW))
-      return fwd_vw<scalar_t, VW>(a, st);
-    return fwd_vw<scalar_t, 1>(a, st);
+      return fwd_vw<T, P, VW>(a, st);
+    return fwd_vw<T, P, 1>(a, st);
   });
 }
 
@@ -685,20 +783,51 @@ fl_status fl_layer_norm_bwd_workspace_size(int64_t rows, int64_t cols, size_t* b
   return FL_OK;
 }
 
+fl_status fl_layer_norm_launch_dims(int64_t rows, int64_t cols, int32_t backward, int32_t vector_width,
+                                    int64_t* dims, int32_t* count) {
+  using namespace fl;
+  FL_REQUIRE(dims != nullptr && count != nullptr, "fl_layer_norm_launch_dims: dims and count must not be NULL");
+  FL_REQUIRE(rows >= 0, "fl_layer_norm_launch_dims: rows must be >= 0, got %lld", (long long)rows);
+  FL_REQUIRE(cols >= 1 && cols <= kMaxCols, "fl_layer_norm_launch_dims: cols must be in [1, %d], got %lld",
+             kMaxCols, (long long)cols);
+  FL_REQUIRE(backward == 0 || backward == 1, "fl_layer_norm_launch_dims: backward must be 0 or 1, got %d",
+             (int)backward);
+  FL_REQUIRE(vector_width == 1 || vector_width == 4 || vector_width == 8,
+             "fl_layer_norm_launch_dims: vector_width must be 1, 4 (f32) or 8 (f16/bf16), got %d", (int)vector_width);
+  Launch l[kMaxBwdLaunches];
+  int n = 0;
+  if (rows > 0) {
+    if (backward) {
+      n = bwd_launches(rows, cols, vector_width, l);
+    } else {
+      l[0] = fwd_launch(rows, cols);
+      n = 1;
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    const unsigned v[6] = {l[i].grid.x, l[i].grid.y, l[i].grid.z, l[i].block.x, l[i].block.y, l[i].block.z};
+    for (int k = 0; k < 6; ++k) dims[6 * i + k] = v[k];
+  }
+  *count = n;
+  return FL_OK;
+}
+
 fl_status fl_layer_norm_bwd(const void* dy, int64_t dy_row_stride, const void* s, int64_t s_row_stride,
                             const void* weight, const float* mean, const float* rstd, const void* dresidual_out,
                             int64_t dresidual_out_row_stride, void* ds, int64_t ds_row_stride, void* dweight,
                             void* dbias, void* workspace, size_t workspace_bytes, int64_t rows, int64_t cols,
-                            int32_t rms, int32_t dtype, void* stream) {
+                            int32_t rms, int32_t dtype, int32_t param_dtype, void* stream) {
   using namespace fl;
   FL_REQUIRE(rows >= 0, "fl_layer_norm_bwd: rows must be >= 0, got %lld", (long long)rows);
   FL_REQUIRE(cols >= 1 && cols <= kMaxCols, "fl_layer_norm_bwd: cols must be in [1, %d], got %lld", kMaxCols,
              (long long)cols);
   FL_REQUIRE(rms == 0 || rms == 1, "fl_layer_norm_bwd: rms must be 0 or 1, got %d", (int)rms);
   FL_REQUIRE(dtype >= FL_F32 && dtype <= FL_BF16, "fl_layer_norm_bwd: dtype must be 0, 1 or 2, got %d", (int)dtype);
+  FL_REQUIRE(param_dtype == dtype || param_dtype == FL_F32,
+             "fl_layer_norm_bwd: param_dtype must be dtype (%d) or 0 (f32), got %d", (int)dtype, (int)param_dtype);
   FL_REQUIRE(dweight == nullptr || weight != nullptr, "fl_layer_norm_bwd: dweight given but weight is NULL");
   const cudaStream_t st = as_stream(stream);
-  const size_t elem = dtype == FL_F32 ? 4 : 2;
+  const size_t elem = param_dtype == FL_F32 ? 4 : 2;
   if (rows == 0) {  // no rows: the parameter gradients are zero (all-zero bits in every dtype)
     if (dweight) FL_CUDA_CHECK(cudaMemsetAsync(dweight, 0, elem * cols, st));
     if (dbias) FL_CUDA_CHECK(cudaMemsetAsync(dbias, 0, elem * cols, st));
@@ -729,20 +858,15 @@ fl_status fl_layer_norm_bwd(const void* dy, int64_t dy_row_stride, const void* s
             dweight ? ws : nullptr, dbias ? ws + partials * cols : nullptr,
             bwd_path(cols) == BwdPath::kCols ? ws + 2 * partials * cols : nullptr,
             rows, static_cast<int>(cols), rms != 0};
-  return FL_DISPATCH_DTYPE(dtype, "fl_layer_norm_bwd", [&]() -> fl_status {
-    constexpr int VW = 16 / sizeof(scalar_t);
-    fl_status status;
+  return dispatch_types(dtype, param_dtype, "fl_layer_norm_bwd", [&](auto t, auto p) -> fl_status {
+    using T = typename decltype(t)::type;
+    using P = typename decltype(p)::type;
+    constexpr int VW = 16 / sizeof(T);
+    P* dw = static_cast<P*>(dweight);
+    P* db = static_cast<P*>(dbias);
     if (aligned16({a.dy, a.s, a.weight, a.dres, a.ds}, {a.dy_stride, a.s_stride, a.dres_stride, a.ds_stride}, VW))
-      status = bwd_vw<scalar_t, VW>(a, partials, st);
-    else
-      status = bwd_vw<scalar_t, 1>(a, partials, st);
-    FL_RETURN_IF_ERROR(status);
-    if (dweight == nullptr && dbias == nullptr) return FL_OK;
-    const dim3 grid(static_cast<unsigned>(ceil_div(cols, 32)), 2);
-    layer_norm_bwd_reduce_kernel<scalar_t><<<grid, dim3(32, 8), 0, st>>>(
-        a.dw_part, a.db_part, static_cast<scalar_t*>(dweight), static_cast<scalar_t*>(dbias), partials,
-        static_cast<int>(cols));
-    return check_launch("layer_norm_bwd_reduce_kernel");
+      return bwd_vw<T, P, VW>(a, dw, db, partials, st);
+    return bwd_vw<T, P, 1>(a, dw, db, partials, st);
   });
 }
 

@@ -1,6 +1,8 @@
 // linear.cu -- C ABI of the linear layer with a fused epilogue (fl_linear_fwd, fl_linear_bwd_dx,
-// fl_linear_bwd_dw): argument checks, the choice of tile config and aligned/unaligned variant,
-// and compile-time dispatch on dtype and activation (written once, in run_gemm below).
+// fl_linear_bwd_dw, and the launch-plan query fl_linear_grid): argument checks, the choice of tile
+// config and aligned/unaligned variant (plan_mma: the one function that plans an mma.sync launch,
+// used by the entry points and by fl_linear_grid alike), and compile-time dispatch on dtype and
+// activation (written once, in run_gemm below).
 // All three entry points run the one kernel of linear_gemm.cuh; see it for layouts and the
 // fused epilogue / act' prologue. Never allocates, never synchronises, launches on `stream`.
 #include <algorithm>
@@ -9,19 +11,21 @@
 #include <string>
 
 #include "linear/linear_gemm.cuh"
+#include "linear/linear_plan.h"
 #include "linear/linear_wgmma.h"
 
 namespace fl {
 namespace linear {
 namespace {
 
+// Sizes are int inside the kernel (tile origins + tile size must not overflow).
+constexpr int64_t kMaxDim = INT_MAX - 1024;
+static_assert(kMaxDim == 2147482623LL, "keep \"max_dim\" of the build info below in step");
+
 const bool kInfoRegistered = register_info(
     "linear",
     "{\"dtypes\": [\"float16\", \"bfloat16\"], \"activations\": [null, \"gelu\", \"gelu_tanh\", \"relu\"], "
-    "\"min_arch\": 80, \"tiles\": [[128, 128, 32], [64, 64, 32]]}");
-
-// Sizes are int inside the kernel (tile origins + tile size must not overflow).
-constexpr int64_t kMaxDim = INT_MAX - 1024;
+    "\"min_arch\": 80, \"tiles\": [[128, 128, 32], [64, 64, 32]], \"max_dim\": 2147482623}");
 
 int sm_count() {
   static std::atomic<int> cached[64];
@@ -46,8 +50,29 @@ bool pair_aligned(const void* p, int64_t ld) {
   return p == nullptr || ((reinterpret_cast<uintptr_t>(p) % 4 == 0) && ld % 2 == 0);
 }
 
+}  // namespace
+
+// The launch of an mma.sync GEMM with an (M x N) output (M, N as in GemmParams): 128x128 tiles when
+// the operands are 16-byte aligned and those tiles alone fill every SM once, else 64x64 (4x the
+// CTAs for small M or N, e.g. decode; unaligned operands always take the 64x64 element-wise-load
+// variant); a 1-D grid of one CTA per tile (at least one tile column: row sums with N == 0). The
+// grid's x axis takes up to 2^31 - 1 CTAs, i.e. outputs up to ~2^43 elements -- beyond any GPU's
+// memory -- so FL_ERR_INVALID here is a guard, never a valid tensor's fate.
+fl_status plan_mma(int64_t M, int64_t N, bool aligned, int num_sms, MmaPlan* plan, const char* name) {
+  const int64_t big_tiles = ((M + 127) / 128) * ((N + 127) / 128);
+  plan->big = aligned && big_tiles >= std::max(num_sms, 1);
+  const int64_t bm = plan->big ? BigTile::BM : SmallTile::BM, bn = plan->big ? BigTile::BN : SmallTile::BN;
+  const int64_t tiles = ((M + bm - 1) / bm) * std::max<int64_t>((N + bn - 1) / bn, 1);
+  FL_REQUIRE(tiles <= kMaxGridX, "%s: %lld output tiles exceed the grid limit (%lld CTAs)", name,
+             (long long)tiles, (long long)kMaxGridX);
+  plan->grid = tiles;
+  return FL_OK;
+}
+
+namespace {
+
 template <typename T, class Cfg, int MODE, int ACT, bool AK, bool BKM, bool ALIGNED>
-fl_status launch_one(const GemmParams& p, cudaStream_t stream, const char* name) {
+fl_status launch_one(const GemmParams& p, int64_t grid, cudaStream_t stream, const char* name) {
   using G = Gemm<T, Cfg, MODE, ACT, AK, BKM, ALIGNED>;
   auto kernel = linear_gemm_kernel<T, Cfg, MODE, ACT, AK, BKM, ALIGNED>;
   // The opt-in above 48 KiB of dynamic shared memory is per device; remember where it was set.
@@ -60,25 +85,18 @@ fl_status launch_one(const GemmParams& p, cudaStream_t stream, const char* name)
                                        static_cast<int>(G::SMEM_BYTES)));
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
-  // At least one tile column, as in the kernel (row sums with N == 0).
-  const int64_t tiles = ((int64_t(p.M) + Cfg::BM - 1) / Cfg::BM) *
-                        std::max<int64_t>((int64_t(p.N) + Cfg::BN - 1) / Cfg::BN, 1);
-  FL_REQUIRE(tiles <= INT_MAX, "%s: %lld output tiles exceed the grid limit", name, (long long)tiles);
-  kernel<<<static_cast<unsigned>(tiles), Cfg::THREADS, G::SMEM_BYTES, stream>>>(p);
+  // grid: plan_mma's, one CTA per tile (the kernel maps blockIdx.x to its tile).
+  kernel<<<static_cast<unsigned>(grid), Cfg::THREADS, G::SMEM_BYTES, stream>>>(p);
   return check_launch(name);
 }
 
-// Tile choice: 128x128 tiles when they alone fill every SM once, else 64x64 (4x the CTAs for
-// small M or N, e.g. decode). Unaligned operands take the 64x64 element-wise-load variant.
 template <typename T, int MODE, int ACT, bool AK, bool BKM>
 fl_status launch_gemm(const GemmParams& p, bool aligned, cudaStream_t stream, const char* name) {
-  if (aligned) {
-    const int64_t big_tiles = ((int64_t(p.M) + 127) / 128) * ((int64_t(p.N) + 127) / 128);
-    if (big_tiles >= sm_count())
-      return launch_one<T, BigTile, MODE, ACT, AK, BKM, true>(p, stream, name);
-    return launch_one<T, SmallTile, MODE, ACT, AK, BKM, true>(p, stream, name);
-  }
-  return launch_one<T, SmallTile, MODE, ACT, AK, BKM, false>(p, stream, name);
+  MmaPlan plan;
+  FL_RETURN_IF_ERROR(plan_mma(p.M, p.N, aligned, sm_count(), &plan, name));
+  if (plan.big) return launch_one<T, BigTile, MODE, ACT, AK, BKM, true>(p, plan.grid, stream, name);
+  if (aligned) return launch_one<T, SmallTile, MODE, ACT, AK, BKM, true>(p, plan.grid, stream, name);
+  return launch_one<T, SmallTile, MODE, ACT, AK, BKM, false>(p, plan.grid, stream, name);
 }
 
 // Runtime (dtype, activation) -> template parameters, for all three entry points.
@@ -234,6 +252,41 @@ FL_API fl_status fl_linear_bwd_dw(const void* dy, int64_t dy_row_stride, const v
                        (p.a_pre == nullptr || chunk_aligned(preact, preact_row_stride, M)) &&
                        chunk_aligned(x, x_row_stride, M);
   return fl::linear::run_gemm<fl::linear::kGradient, false, false>(p, aligned, activation, dtype, stream, fn);
+}
+
+FL_API fl_status fl_linear_grid(int32_t kernel, int64_t M, int64_t N, int64_t K, int32_t aligned,
+                                int32_t num_sms, int64_t* grid) {
+  const int32_t activation = FL_ACT_NONE;  // the plan does not depend on it
+  FL_LINEAR_CHECK_SIZES("fl_linear_grid");
+  FL_REQUIRE(grid != nullptr, "fl_linear_grid: grid must be non-null (int64_t[3])");
+  FL_REQUIRE(num_sms >= 1, "fl_linear_grid: num_sms must be >= 1, got %d", (int)num_sms);
+  grid[0] = grid[1] = grid[2] = 0;
+  // The (rows x cols) output each entry point hands to its GEMM, and when it launches nothing.
+  int64_t rows = 0, cols = 0;
+  bool empty = false;
+  switch (kernel) {
+    case FL_LINEAR_KERNEL_FWD:
+    case FL_LINEAR_KERNEL_FWD_WGMMA: rows = M; cols = N; empty = M == 0 || N == 0; break;
+    case FL_LINEAR_KERNEL_BWD_DX: rows = M; cols = K; empty = M == 0 || K == 0; break;  // N == 0: zeros
+    case FL_LINEAR_KERNEL_BWD_DW: rows = N; cols = K; empty = N == 0; break;  // K == 0: dbias row sums
+    default:
+      return fl::set_error(FL_ERR_INVALID, "fl_linear_grid: kernel must be 0 (fwd), 1 (bwd_dx), 2 (bwd_dw) or "
+                                           "3 (fwd_wgmma), got " + std::to_string(kernel));
+  }
+  if (empty) return FL_OK;
+  int64_t gx = 0;
+  if (kernel == FL_LINEAR_KERNEL_FWD_WGMMA) {
+    FL_REQUIRE(K >= 1, "fl_linear_grid: the wgmma forward needs K >= 1, got %lld", (long long)K);
+    bool pingpong = false;
+    FL_RETURN_IF_ERROR(fl::linear::plan_wgmma_fwd(rows, cols, K, num_sms, &pingpong, &gx, "fl_linear_grid"));
+  } else {
+    fl::linear::MmaPlan plan;
+    FL_RETURN_IF_ERROR(fl::linear::plan_mma(rows, cols, aligned != 0, num_sms, &plan, "fl_linear_grid"));
+    gx = plan.grid;
+  }
+  grid[0] = gx;
+  grid[1] = grid[2] = 1;
+  return FL_OK;
 }
 
 }  // extern "C"

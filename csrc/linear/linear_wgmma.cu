@@ -31,6 +31,7 @@
 #include <string>
 
 #include "common/hopper.cuh"  // CUtensorMap, mbarrier / TMA / wgmma wrappers, host TMA helpers
+#include "linear/linear_plan.h"
 #include "linear/linear_wgmma.h"
 #include "linear/wgmma_ops.cuh"
 
@@ -382,9 +383,8 @@ fl_status make_map(CUtensorMap* map, hopper::EncodeTiledFn encode, int32_t dtype
 
 template <typename T, bool PINGPONG, int ACT>
 fl_status launch_tile(const CUtensorMap& mx, const CUtensorMap& mw, const GemmParams& p, int vec16, int dev,
-                      cudaStream_t stream, const char* name) {
+                      int64_t grid, cudaStream_t stream, const char* name) {
   using C = WgTile<PINGPONG>;
-  constexpr int BN = C::BN;
   auto kernel = linear_wgmma_fwd_kernel<T, PINGPONG, ACT>;
   static std::atomic<uint64_t> configured{0};
   const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
@@ -393,11 +393,8 @@ fl_status launch_tile(const CUtensorMap& mx, const CUtensorMap& mw, const GemmPa
                                        static_cast<int>(C::SMEM_BYTES)));
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
-  const int64_t tiles = ((int64_t(p.M) + C::BM - 1) / C::BM) * ((int64_t(p.N) + BN - 1) / BN);
-  FL_REQUIRE(tiles <= INT_MAX, "%s: %lld output tiles exceed the int tile index", name, (long long)tiles);
-  // Persistent: one CTA per SM (the ring takes most of an SM's shared memory), tiles strided.
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, sm_count_of(dev)));
-  kernel<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(mx, mw, p, vec16);
+  // grid: plan_wgmma_fwd's (persistent, min(tiles, SMs); the kernel strides over its tiles).
+  kernel<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM_BYTES, stream>>>(mx, mw, p, vec16);
   return check_launch(name);
 }
 
@@ -410,11 +407,9 @@ fl_status launch_act(const GemmParams& p, int32_t dtype, cudaStream_t stream, co
                                              "driver does not provide");
   int dev = 0;
   FL_CUDA_CHECK(cudaGetDevice(&dev));
-  // Schedule (a first guess, to be tuned on the GPU): ping-pong 128 x 128 when the epilogue weighs
-  // (K <= 1024: a tile's wgmmas last only ~16 k steps) or when 128 x 256 tiles would leave SMs idle;
-  // else cooperative 128 x 256 (fewer operand bytes per flop).
-  const int64_t coop_tiles = ((int64_t(p.M) + 127) / 128) * ((int64_t(p.N) + 255) / 256);
-  const bool pingpong = p.K <= 1024 || coop_tiles < sm_count_of(dev);
+  bool pingpong = false;
+  int64_t grid = 0;
+  FL_RETURN_IF_ERROR(plan_wgmma_fwd(p.M, p.N, p.K, sm_count_of(dev), &pingpong, &grid, name));
   const int bn = pingpong ? WgTile<true>::BN : WgTile<false>::BN;
   CUtensorMap mx, mw;
   FL_RETURN_IF_ERROR(make_map(&mx, encode, dtype, p.a, p.M, p.K, p.lda, 128, name, "x"));
@@ -425,12 +420,32 @@ fl_status launch_act(const GemmParams& p, int32_t dtype, cudaStream_t stream, co
   };
   const int vec16 = io16(p.c, p.ldc) && io16(p.residual, p.ldr) && io16(p.preact_out, p.ldp) &&
                     io16(p.bias, 0);
-  if (pingpong) return launch_tile<T, true, ACT>(mx, mw, p, vec16, dev, stream, name);
-  return launch_tile<T, false, ACT>(mx, mw, p, vec16, dev, stream, name);
+  if (pingpong) return launch_tile<T, true, ACT>(mx, mw, p, vec16, dev, grid, stream, name);
+  return launch_tile<T, false, ACT>(mx, mw, p, vec16, dev, grid, stream, name);
 }
 #endif  // FL_HAS_SM90A
 
 }  // namespace
+
+// Schedule (a first guess, to be tuned on the GPU): ping-pong 128 x 128 when the epilogue weighs
+// (K <= 1024: a tile's wgmmas last only ~16 k steps) or when 128 x 256 tiles would leave SMs idle;
+// else cooperative 128 x 256 (fewer operand bytes per flop). Persistent grid: min(tiles, SMs) CTAs
+// (the ring takes most of an SM's shared memory); the kernel strides over the tiles, whose index
+// is an int, hence the limit.
+fl_status plan_wgmma_fwd(int64_t M, int64_t N, int64_t K, int num_sms, bool* pingpong, int64_t* grid,
+                         const char* name) {
+  const int64_t sms = std::max(num_sms, 1);
+  const int64_t coop_tiles = ((M + WgTile<false>::BM - 1) / WgTile<false>::BM) *
+                             ((N + WgTile<false>::BN - 1) / WgTile<false>::BN);
+  *pingpong = K <= 1024 || coop_tiles < sms;
+  const int64_t bm = *pingpong ? WgTile<true>::BM : WgTile<false>::BM;
+  const int64_t bn = *pingpong ? WgTile<true>::BN : WgTile<false>::BN;
+  const int64_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
+  FL_REQUIRE(tiles <= INT_MAX - sms, "%s: %lld output tiles exceed the int tile index", name, (long long)tiles);
+  *grid = std::max<int64_t>(std::min(tiles, sms), 1);
+  static_assert(WgTile<true>::BM == 128 && WgTile<false>::BM == 128, "tile heights of the schedule");
+  return FL_OK;
+}
 
 std::string wgmma_fwd_unsupported(const GemmParams& p) {
 #if !FL_HAS_SM90A
@@ -450,6 +465,16 @@ std::string wgmma_fwd_unsupported(const GemmParams& p) {
   if (!tma_ok(p.b, p.ldb, p.N))
     return "TMA needs weight 16-byte aligned with a nonzero row stride that is a multiple of 8 elements, got address " +
            std::to_string(reinterpret_cast<uintptr_t>(p.b)) + " and row stride " + std::to_string(p.ldb);
+  // The ring's step counter (tiles of a CTA x k tiles) is a uint32 whose stage / parity sequence
+  // must not wrap: a bound far beyond any practical GEMM (~10^18 FLOPs), checked so it never hangs.
+  bool pingpong = false;
+  int64_t grid = 0;
+  if (plan_wgmma_fwd(p.M, p.N, p.K, sm_count_of(dev), &pingpong, &grid, "wgmma") != FL_OK)
+    return "too many output tiles for the persistent kernel's int tile index";
+  const int64_t bm = 128, bn = pingpong ? WgTile<true>::BN : WgTile<false>::BN;
+  const int64_t tiles = ((p.M + bm - 1) / bm) * ((p.N + bn - 1) / bn);
+  if ((tiles + grid - 1) / grid * ((p.K + 63) / 64) >= (int64_t(1) << 31))
+    return "more than 2^31 k-tile steps per CTA (the pipeline's step counter)";
   return "";
 #endif
 }

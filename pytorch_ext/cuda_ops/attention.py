@@ -1,14 +1,17 @@
 """CUDA-backend launchers of attention (forward, backward, KV-cache decode).
 
-Guarantees: the same functions and semantics as fastlayers.kernels.attention (the "attention"
-launcher interface in the brief): q (B, Lq, H, D), k/v (B, Lk, H, D), bottom-right causal,
-key_padding_mask (B, Lk) bool (True = attend), the counter-based philox dropout mask shared by every
-backend, lse (B, H, Lq) fp32 with +inf for rows that attend no key.  Outputs and workspaces are
-allocated here with torch.empty on the input's device; kernels run on its current stream
-(csrc/attention/*.cu).  Strides are passed through as they are: the kernels need a contiguous head
-dim, 16-byte aligned rows and (b, l, h) strides that are multiples of 8 elements --
-unsupported_reason says so for tensors that break this (no hidden copies).  The supported head dims
-come from the library's build info, never from a constant here.
+Guarantees: the same functions and semantics as fastlayers.kernels.attention (the launcher
+contract): q (B, Lq, H, D), k/v (B, Lk, H, D), bottom-right causal, key_padding_mask (B, Lk) bool
+(True = attend; contiguous, masked keys never read), the counter-based philox dropout mask shared by
+every backend with its state rng_state = device int64 [seed, offset] read by the kernels at run
+time, lse (B, H, Lq) fp32 with +inf for rows that attend no key, kv-cache rows with a bad length
+NaN and unwritten.  Outputs and workspaces are allocated here with torch.empty on the input's
+device; kernels run on its current stream (csrc/attention/*.cu).  Strides are passed through as
+they are when the kernels can read them (contiguous head dim, 16-byte aligned data, (b, l, h)
+strides that are multiples of 8 elements; a size-1 dim's stride is never used); any other layout
+is copied here first (the caches into an aligned copy that is written back), so no valid input is
+refused or read wrong.  The supported head dims come from the library's build info, never from a
+constant here.
 The forward kernel is chosen in C from FASTLAYERS_CUDA_ATTENTION, read on every call and passed as an
 argument (no state in the library): "mma" (default: the mma.sync kernel), "auto" (the sm_90a
 wgmma/TMA kernel on an sm_90 device for D 64/128 without dropout, else the mma.sync kernel) or
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import _cuda
+from ..kernels.philox import check_rng_state
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -44,12 +48,42 @@ def supported_head_dims() -> tuple[int, ...]:
 def _layout_reason(name: str, t: torch.Tensor) -> str | None:
     if t.dim() != 4:
         return f"{name} must be 4-D (B, L, H, D), got shape {tuple(t.shape)}"
-    if t.stride(3) != 1:
-        return f"{name} must have a contiguous head dim (stride(3) == 1), got strides {t.stride()}"
-    if any(s % 8 for s in t.stride()[:3]) or t.data_ptr() % 16:
-        return (f"the CUDA attention kernels load 16-byte rows: {name}'s (b, l, h) strides must be "
-                f"multiples of 8 and its data 16-byte aligned, got strides {t.stride()}")
-    return None
+    if t.shape[1] >= 2**31 or t.shape[0] >= 2**31 or t.shape[2] >= 2**31:
+        return f"{name}: the CUDA kernels take B, L and H below 2^31, got shape {tuple(t.shape)}"
+    return None  # any strides / alignment: _kernel_layout copies what the kernels cannot read
+
+
+def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """(b, l, h) strides for the C ABI; a size-1 dim's stride is never used by the kernels: 0."""
+    if t is None:
+        return (0, 0, 0)
+    return tuple(0 if t.shape[d] == 1 else t.stride(d) for d in range(3))
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """The kernels load 16-byte rows with cp.async / uint4: contiguous head dim, 16-byte aligned
+    data, (b, l, h) strides multiples of 8 elements (stride 0, a broadcast, included)."""
+    return (t.stride(3) == 1 or t.shape[3] == 1) and t.data_ptr() % 16 == 0 and \
+        all(s % 8 == 0 for s in _strides(t))
+
+
+def _kernel_layout(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t itself when the kernels can read it, else a fresh (aligned) contiguous copy."""
+    if t is None or _readable(t):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)  # caching allocator: 512-byte aligned
+
+
+def _require_contiguous(t: torch.Tensor, name: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: the CUDA kernels index it as contiguous (the op layer copies other "
+                         f"layouts), got shape {tuple(t.shape)} with strides {t.stride()}")
+
+
+def _rng_ptr(rng_state, dropout_p: float, q: torch.Tensor) -> int:
+    """Device address of the int64 [seed, offset] state the kernels read (0 without dropout)."""
+    check_rng_state(rng_state, dropout_p, q.device)
+    return _cuda.ptr(rng_state) if dropout_p > 0.0 else 0
 
 
 def _common_reason(q: torch.Tensor, tensors) -> str | None:
@@ -73,6 +107,8 @@ def _common_reason(q: torch.Tensor, tensors) -> str | None:
         reason = _layout_reason(name, t)
         if reason is not None:
             return reason
+    if q.shape[0] * q.shape[2] > 65535 ** 2:  # grid axes y and z carry the heads (fl_attention_grid)
+        return f"the CUDA attention kernels take at most 65535^2 heads (B*H), got {q.shape[0] * q.shape[2]}"
     return None
 
 
@@ -95,13 +131,10 @@ def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None)
     return _common_reason(q, tuple((n, t) for n, t in named if t is not None))
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
-    return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
-
-
 def _mask_args(key_padding_mask: torch.Tensor | None):
     if key_padding_mask is None:
         return 0, 0, 0
+    _require_contiguous(key_padding_mask, "key_padding_mask")
     m = key_padding_mask
     if m.dtype == torch.bool:
         m = m.view(torch.uint8)  # same bytes (0 / 1): no copy
@@ -109,22 +142,25 @@ def _mask_args(key_padding_mask: torch.Tensor | None):
 
 
 def attention_fwd(q, k, v, key_padding_mask, softmax_scale: float, causal: bool, dropout_p: float,
-                  seed: int, offset: int):
-    """-> (o (B, Lq, H, D) q.dtype, lse (B, H, Lq) fp32)."""
+                  rng_state):
+    """-> (o (B, Lq, H, D) q.dtype, lse (B, H, Lq) fp32); rng_state: int64 [seed, offset] on q's
+    device (read by the kernel when it runs), or None when dropout_p == 0."""
     B, Lq, H, D = q.shape  # (B, Lq, H, D)
     Lk = k.shape[1]  # k, v (B, Lk, H, D)
+    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # (B, H, Lq)
     kpm, kpm_b, kpm_l = _mask_args(key_padding_mask)
+    rng = _rng_ptr(rng_state, dropout_p, q)
     _cuda.call("fl_attention_fwd",
                _cuda.ptr(q), *_strides(q), _cuda.ptr(k), *_strides(k), _cuda.ptr(v), *_strides(v),
                _cuda.ptr(o), *_strides(o), _cuda.ptr(lse), kpm, kpm_b, kpm_l,
                B, Lq, Lk, H, D, float(softmax_scale), int(bool(causal)), float(dropout_p),
-               int(seed), int(offset), forward_impl(), _cuda.dtype_code(q), _cuda.stream(q))
+               rng, forward_impl(), _cuda.dtype_code(q), _cuda.stream(q))
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, dropout_p, seed, offset,
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, dropout_p, rng_state,
                   deterministic: bool):
     """-> (dq, dk, dv) in q.dtype with the shapes of q, k, v (contiguous)."""
     B, Lq, H, D = q.shape  # (B, Lq, H, D)
@@ -132,9 +168,8 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D)
     dk = torch.empty((B, Lk, H, D), dtype=q.dtype, device=q.device)  # (B, Lk, H, D)
     dv = torch.empty((B, Lk, H, D), dtype=q.dtype, device=q.device)  # (B, Lk, H, D)
-    if do.stride(-1) != 1 or any(s % 8 for s in do.stride()[:3]) or do.data_ptr() % 16:
-        # dO comes from autograd in whatever layout the next op produced; the kernel needs 16-byte rows.
-        do = do.contiguous()
+    # dO comes from autograd in whatever layout the next op produced; the kernels need 16-byte rows.
+    do, q, k, v, o = (_kernel_layout(t) for t in (do, q, k, v, o))
     lse = lse.contiguous()  # (B, H, Lq) fp32
     nbytes = _cuda.workspace_size("fl_attention_bwd_workspace_size", B, Lq, H, D, int(bool(deterministic)))
     workspace = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=q.device)  # delta (+ fp32 dq)
@@ -144,14 +179,16 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
                _cuda.ptr(v), *_strides(v), _cuda.ptr(o), *_strides(o), _cuda.ptr(lse), kpm, kpm_b, kpm_l,
                _cuda.ptr(dq), *_strides(dq), _cuda.ptr(dk), *_strides(dk), _cuda.ptr(dv), *_strides(dv),
                _cuda.ptr(workspace), nbytes, B, Lq, Lk, H, D, float(softmax_scale), int(bool(causal)),
-               float(dropout_p), int(seed), int(offset), int(bool(deterministic)), _cuda.dtype_code(q),
-               _cuda.stream(q))
+               float(dropout_p), _rng_ptr(rng_state, dropout_p, q), int(bool(deterministic)),
+               _cuda.dtype_code(q), _cuda.stream(q))
     return dq, dk, dv
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale: float,
                            causal: bool):
-    """-> o (B, Lq, H, D); writes k_new / v_new into the caches in place (see the module docstring)."""
+    """-> o (B, Lq, H, D); writes k_new / v_new into the caches in place (see the module docstring).
+    Never syncs the host; a row with a bad length (< 0, or + Lq new rows > Lmax) gets NaN output
+    rows and no cache write."""
     B, Lq, H, D = q.shape  # (B, Lq, H, D)
     Lmax = k_cache.shape[1]  # k_cache, v_cache (B, Lmax, H, D)
     if (k_new is None) != (v_new is None):
@@ -160,16 +197,40 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.device != q.device:
         raise TypeError(f"cache_seqlens must be int32 on {q.device}, got {cache_seqlens.dtype} on "
                         f"{cache_seqlens.device}")
-    cache_seqlens = cache_seqlens.contiguous()  # (B,) int32
+    _require_contiguous(cache_seqlens, "cache_seqlens")  # (B,) int32
+    q, k_new, v_new = _kernel_layout(q), _kernel_layout(k_new), _kernel_layout(v_new)
+    # The caches are written in place: one the kernels cannot read runs on an aligned copy that is
+    # copied back afterwards (rows of bad lengths are untouched in the copy, so unchanged).
+    kc, vc = _kernel_layout(k_cache), _kernel_layout(v_cache)
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D)
     with torch.cuda.device(q.device):  # the split count (and so the workspace) follows this device's SMs
         nbytes = _cuda.workspace_size("fl_attention_kvcache_workspace_size", B, Lq, H, D, Lmax)
         workspace = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=q.device)  # fp32 partials
         _cuda.call("fl_attention_kvcache_fwd",
-                   _cuda.ptr(q), *_strides(q), _cuda.ptr(k_cache), *_strides(k_cache),
-                   _cuda.ptr(v_cache), *_strides(v_cache), _cuda.ptr(cache_seqlens),
+                   _cuda.ptr(q), *_strides(q), _cuda.ptr(kc), *_strides(kc),
+                   _cuda.ptr(vc), *_strides(vc), _cuda.ptr(cache_seqlens),
                    _cuda.ptr(k_new), *_strides(k_new), _cuda.ptr(v_new), *_strides(v_new),
                    _cuda.ptr(o), *_strides(o), _cuda.ptr(workspace), nbytes,
                    B, Lq, Lmax, H, D, float(softmax_scale), int(bool(causal)), _cuda.dtype_code(q),
                    _cuda.stream(q))
+    if k_new is not None:
+        if kc is not k_cache:
+            k_cache.copy_(kc)
+        if vc is not v_cache:
+            v_cache.copy_(vc)
     return o
+
+
+# ------------------------------------------------------------------ launch grids
+# FL_ATTENTION_KERNEL_* of fastlayers.h: the kernels whose grids fl_attention_grid reports.
+GRID_KERNELS = {"fwd": 0, "fwd_sm90": 1, "bwd_preprocess": 2, "bwd_dkdv": 3, "bwd_dq": 4,
+                "bwd_dq_convert": 5, "kvcache_append": 6, "kvcache_combine": 7}
+
+
+def launch_grid(kernel: str, B: int, Lq: int, Lk: int, H: int, D: int, num_splits: int = 1) -> tuple[int, int, int]:
+    """(x, y, z) grid the library launches `kernel` with (fl_attention_grid: the entry points use
+    the same function); RuntimeError when a size is out of range or an axis would exceed its limit."""
+    import ctypes
+    out = (ctypes.c_int64 * 3)()
+    _cuda.call("fl_attention_grid", GRID_KERNELS[kernel], B, Lq, Lk, H, D, num_splits, out)
+    return int(out[0]), int(out[1]), int(out[2])

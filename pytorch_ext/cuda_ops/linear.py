@@ -4,9 +4,15 @@ Guarantees: the same functions and semantics as fastlayers.kernels.linear (see t
 interface): linear_fwd, linear_bwd, unsupported_reason. fp16/bf16 only (tensor cores, fp32
 accumulation); x, weight and every other tensor share one dtype. Outputs are allocated here with
 torch.empty on the input's device; kernels run on its current stream. Inputs need a contiguous last
-dim; row strides are passed through (16-byte aligned rows take the fast path, others a slower one,
-both exact). Callers (ops/linear.py) validate shapes and dtypes; the C ABI re-checks sizes and
-reports errors as RuntimeError.
+dim; row strides are passed through, 0 included (a broadcast row); 16-byte aligned bases and rows
+take the cp.async / TMA paths, anything else (a storage offset, an odd row stride) a slower exact
+one -- the C side checks every pointer and stride itself. Rows that overlap (0 < row stride < row
+length, e.g. from Tensor.unfold) are copied here: the C ABI refuses them. bias is (N,) contiguous:
+ops/linear.py copies any other layout once at the op boundary (vector_arg), and this bridge, like
+the Triton launchers, refuses a view with the same message. Callers (ops/linear.py) validate
+shapes and dtypes; the C ABI re-checks sizes (fl_build_info()["linear"]["max_dim"] is its limit,
+reported by unsupported_reason) and reports errors as RuntimeError. Launch grids are planned in C
+(fl_linear_grid, which the entry points use themselves; CPU tests query it).
 The forward kernel is chosen in C from FASTLAYERS_CUDA_GEMM, read on every call and passed as
 fl_linear_fwd's `impl` argument (no state in the library): "mma" (default: the mma.sync kernel),
 "auto" (the sm_90a wgmma/TMA kernel on an sm_90 device when M >= 64, K >= 1 and x / weight are
@@ -21,6 +27,7 @@ here with torch ops (one pass over dy and preact), since there is no GEMM to fus
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -58,6 +65,12 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         return (f"the CUDA linear kernels need a contiguous last dim, got x.stride() = {x.stride()}, "
                 f"weight.stride() = {weight.stride()}")
+    max_dim = _info().get("max_dim")
+    if max_dim is not None:
+        for name, size in (("M (rows of x)", math.prod(x.shape[:-1])), ("N (out_features)", weight.shape[0]),
+                           ("K (in_features)", weight.shape[1])):
+            if size > max_dim:
+                return f"the CUDA linear kernels take sizes up to {max_dim}, got {name} = {size}"
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
     derr = _cuda.device_error(idx)
     if derr is not None:
@@ -102,6 +115,26 @@ def _check_inner(t: torch.Tensor | None, name: str) -> None:
         raise ValueError(f"{name}: the CUDA linear kernels need stride(1) == 1, got strides {t.stride()}")
 
 
+def _abi_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t (rows, cols) as the C ABI takes it: row stride 0 (broadcast) or >= cols; overlapping rows
+    (0 < stride < cols, a valid torch view) are copied."""
+    if t is None or t.shape[0] <= 1:
+        return t
+    ld = t.stride(0)
+    return t if ld == 0 or ld >= t.shape[1] else t.contiguous()
+
+
+def _check_bias(bias: torch.Tensor | None, N: int) -> None:
+    # Same contract and message as the Triton launchers (fastlayers.kernels.linear._check_bias).
+    if bias is None:
+        return
+    if tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: expected shape {(N,)}, got {tuple(bias.shape)}")
+    if N > 1 and bias.stride(0) != 1:
+        raise ValueError(f"bias: expected a contiguous (N,) tensor (stride 1; the op boundary copies "
+                         f"views with vector_arg), got stride {bias.stride(0)}")
+
+
 def linear_fwd(x, weight, bias, activation, residual, save_preact: bool):
     """-> (y (M, N), preact (M, N) | None); y = act(x @ weight.T + bias) + residual."""
     M, K = x.shape  # (M, K), x.stride(1) == 1
@@ -109,8 +142,8 @@ def linear_fwd(x, weight, bias, activation, residual, save_preact: bool):
     _check_inner(x, "x")
     _check_inner(weight, "weight")
     _check_inner(residual, "residual")
-    if bias is not None and bias.numel() > 1 and bias.stride(0) != 1:
-        raise ValueError(f"bias: the CUDA linear kernels need a contiguous bias, got stride {bias.stride()}")
+    _check_bias(bias, N)
+    x, weight, residual = _abi_rows(x), _abi_rows(weight), _abi_rows(residual)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)  # (M, N)
     preact = torch.empty_like(y) if (save_preact and activation is not None) else None  # (M, N)
     _call("fl_linear_fwd", x.device,
@@ -141,6 +174,7 @@ def linear_bwd(dy, x, weight, preact, activation, has_bias: bool, needs_dx: bool
         raise ValueError(f"preact: required for activation {activation!r}, got None")
     for t, name in ((dy, "dy"), (x, "x"), (weight, "weight"), (preact, "preact")):
         _check_inner(t, name)
+    dy, x, weight, preact = _abi_rows(dy), _abi_rows(x), _abi_rows(weight), _abi_rows(preact)
     dx = dweight = dbias = None
     if needs_dx:
         dx = torch.empty((M, K), dtype=x.dtype, device=dy.device)  # (M, K)

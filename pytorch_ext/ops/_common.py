@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 
@@ -71,13 +72,62 @@ def empty_placeholder(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-@torch.compiler.assume_constant_result
 def request_for_trace(backend) -> str:
     """torch.compile path: the explicit backend request in force at trace time (argument, then
     use_backend block, then FASTLAYERS_BACKEND), or "" for the automatic choice. The custom ops
     resolve it against their real inputs at run time (resolve_in_op): while tracing, shapes may be
     symbolic (dynamic sequence lengths), which assume_constant_result cannot take as arguments."""
     return requested(backend) or ""
+
+
+# What torch.compiler.assume_constant_result(fn) does (torch/_dynamo/decorators.py), set by hand: the
+# decorator imports torch._dynamo (~3 s) at `import fastlayers`. tests/test_import.py checks that
+# the decorator still sets exactly this attribute, so a torch upgrade that changes it fails loudly.
+request_for_trace._dynamo_marked_constant = True
+
+
+def torch_at_trace(request: str, device: torch.device) -> bool:
+    """torch.compile path: True when the backend is "torch" whatever the shapes -- an explicit
+    "torch" request, or the automatic choice for a non-CUDA tensor. The public function then traces
+    the native torch composition itself (inductor sees F.layer_norm, SDPA, F.linear) instead of
+    the custom op, which stays for the kernel backends."""
+    return request == "torch" or (request == "" and device.type != "cuda")
+
+
+# ----------------------------------------------------------------------------- tensor policy
+def vector_arg(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The policy for every 1-D tensor a kernel reads (norm weight/bias, linear bias, cache_seqlens):
+    kernels index it as contiguous, so any other layout -- stride 2, stride 0 (expanded), a column
+    of a matrix -- is copied here, once, at the op boundary. A storage offset needs no copy
+    (data_ptr() includes it). Multi-dimensional tensors keep their outer strides (kernels take
+    them, 0 included) and get a contiguous last dimension (last_dim_contiguous)."""
+    if t is None or t.dim() != 1 or t.shape[0] <= 1 or t.stride(0) == 1:
+        return t
+    return t.contiguous()
+
+
+# ----------------------------------------------------------------------------- autocast
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The lower-precision dtype of the autocast region in force for t's device type, or None when
+    autocast is off there (torch.is_autocast_enabled / get_autocast_dtype, torch >= 2.4)."""
+    dev = t.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def autocast_cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Casts t as autocast casts an op's inputs: floating tensors other than float64 go to dtype
+    (differentiably); None, float64 and integer/bool tensors pass unchanged."""
+    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
+
+
+def autocast_off(t: torch.Tensor):
+    """A context that disables autocast for t's device type: once an op has cast its inputs, its
+    backends (and the reference's fp32 matmuls) must run at the dtypes they were given."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def resolve_in_op(request: str, select) -> str:

@@ -8,20 +8,30 @@ derivative: re-computing z in the backward would cost a full GEMM (2MNK FLOPs) t
 write + read; at transformer sizes (K >= 768) that GEMM costs far more than the bytes.
 The backward forms dz = dy * act'(z) inside the gradient GEMMs' operand loads, and d(residual) = dy.
 
-Same structure as ops/layer_norm.py: reference ("torch" backend, fp32 math), validation, eager
-path, custom ops for torch.compile.
+Same structure as ops/layer_norm.py: reference (fp32 math: the tests' oracle and the custom op's
+torch launcher), the native "torch" backend, validation, eager path, custom ops for torch.compile.
+
+Tensor policy (ops/_common.py): bias goes through vector_arg (kernels index it as contiguous);
+x / residual / dy keep their outer strides (0 included) with a contiguous last dim; weight gets a
+contiguous last dim. Under torch.autocast every floating input is cast to the autocast dtype, as
+torch casts F.linear / addmm, and the backends run with autocast off. The eager "torch" backend is
+torch's own composition (_torch_linear) under torch's autograd, and torch.compile traces that same
+composition whenever the backend is "torch" whatever the shapes (torch_at_trace).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import (as_rows, check_like, check_tensor, device_guard, empty_placeholder, needs_grad,
-                      request_for_trace, resolve_in_op)
+from ._common import (as_rows, autocast_cast, autocast_dtype, autocast_off, check_like, check_tensor,
+                      device_guard, empty_placeholder, needs_grad, request_for_trace, resolve_in_op,
+                      torch_at_trace, vector_arg)
 
 OP = "linear"
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
@@ -60,7 +70,8 @@ def _acc(t):
 
 
 def linear_ref(x, weight, bias, activation, residual, save_preact):
-    """Reference forward on x (M, K): (y (M, N), preact (M, N) | None), fp32 math."""
+    """Reference forward on x (M, K): (y (M, N), preact (M, N) | None), fp32 math (fp64 for fp64):
+    the tests' oracle and the custom op's torch launcher (the eager torch backend is _torch_linear)."""
     acc = _acc(x)
     z = x.to(acc) @ weight.to(acc).T                                                # (M, N)
     if bias is not None:
@@ -84,7 +95,26 @@ def linear_ref_bwd(dy, x, weight, preact, activation, has_bias, needs_dx, needs_
     return dx, dw, db
 
 
+def _torch_linear(x, weight, bias, activation, residual):
+    """The "torch" backend: torch's own calls (F.linear, F.gelu / relu, + residual) on x (..., K),
+    differentiable by torch's autograd. Without a gradient to record, relu and the residual add run
+    in place on F.linear's fresh output (no extra (M, N) buffer). With one they run out of place:
+    relu's backward reads its output, which an in-place residual add would overwrite."""
+    y = F.linear(x, weight, bias)                                                   # (..., N)
+    grad = needs_grad(x, weight, bias, residual)
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "relu":
+        y = F.relu(y, inplace=not grad)
+    if residual is not None:
+        y = y + residual if grad else y.add_(residual)
+    return y
+
+
 class _TorchBackend:
+    """The custom op's torch launcher (auto-fallback on CUDA tensors, opcheck): the reference."""
     linear_fwd = staticmethod(linear_ref)
     linear_bwd = staticmethod(linear_ref_bwd)
 
@@ -103,11 +133,30 @@ BACKENDS = OpBackends(
 
 
 def _select(backend, x, weight):
+    """x: (..., K); the kernel backends are asked about the (M, K) rows they would get (as_rows: a
+    3-D x or a strided last dim must not make a kernel backend look unable to run the case)."""
     def case_reason(name, mod):
-        if name != "torch" and x.dtype == torch.float64:
+        if name == "torch":
+            return None
+        if x.dtype == torch.float64:
             return "float64 runs on the torch backend only"
-        return mod.unsupported_reason(x, weight)
+        # Asked about the tensors the launcher will get: (M, K) rows and a weight with a contiguous
+        # last dim (a transposed weight is copied at launch, never refused).
+        return mod.unsupported_reason(as_rows(x, x.shape[-1]), _contiguous_last(weight))
     return BACKENDS.select(backend, x.device, case_reason)
+
+
+def _autocast(x, weight, bias):
+    """Under torch.autocast for x's device: (autocast dtype, the inputs cast as torch casts F.linear's:
+    every floating one but float64, differentiably). Else (None, the inputs unchanged)."""
+    dt = autocast_dtype(x) if isinstance(x, Tensor) else None
+    if dt is None:
+        return None, (x, weight, bias)
+    return dt, tuple(autocast_cast(t, dt) if isinstance(t, Tensor) else t for t in (x, weight, bias))
+
+
+def _contiguous_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -129,24 +178,23 @@ def _validate(x, weight, bias, activation, residual):
 
 # ----------------------------------------------------------------------------- eager path
 class _LinearFn(torch.autograd.Function):
+    """Kernel backends with a gradient to record; x2 (M, K), r2 (M, N). Returns the launcher's own
+    (M, N) output, never a view made here: the caller reshapes it, so in-place edits of the result
+    (nn.ReLU(inplace=True), h += 1) work as after torch.nn.Linear."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, activation, need_preact, name):
-        K = x.shape[-1]
-        N = weight.shape[0]
-        out_shape = (*x.shape[:-1], N)
-        x2 = as_rows(x, K)
-        r2 = as_rows(residual, N) if residual is not None else None
+    def forward(ctx, x2, weight, bias, r2, activation, need_preact, name):
         y, preact = BACKENDS.module(name).linear_fwd(x2, weight, bias, activation, r2, need_preact)
         ctx.save_for_backward(x2, weight, preact)
-        ctx.meta = (activation, bias is not None, residual is not None, name, x.shape)
-        return y.view(out_shape)
+        ctx.meta = (activation, bias is not None, r2 is not None, name)
+        return y                                                                   # (M, N)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, preact = ctx.saved_tensors
-        activation, has_bias, has_res, name, x_shape = ctx.meta
+        activation, has_bias, has_res, name = ctx.meta
         N = weight.shape[0]
-        dy2 = as_rows(dy, N)
+        dy2 = as_rows(dy, N)                   # keeps a broadcast row (stride 0), e.g. from y.sum(0)
         needs_dx = ctx.needs_input_grad[0]
         needs_dw = ctx.needs_input_grad[1]
         needs_db = has_bias and ctx.needs_input_grad[2]
@@ -155,31 +203,54 @@ class _LinearFn(torch.autograd.Function):
             dx, dw, db = BACKENDS.module(name).linear_bwd(dy2, x2, weight, preact, activation, needs_db,
                                                           needs_dx, needs_dw)
         dres = dy if (has_res and ctx.needs_input_grad[3]) else None
-        return (dx.view(x_shape) if dx is not None else None), dw, db, dres, None, None, None
+        return dx, dw, db, dres, None, None, None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
            residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """act(x @ weight.T + bias) + residual in one kernel. x: (..., K); weight: (N, K); bias: (N,);
     residual: (..., N); activation in {None, "gelu", "gelu_tanh", "relu"}. fp32 inputs run with
-    TF32 dot products in the Triton backend."""
-    if torch.compiler.is_compiling():
-        return _compiled(x, weight, bias, activation, residual, backend)
+    TF32 dot products in the Triton backend. All inputs share one dtype (mixed dtypes raise, as in
+    F.linear); under torch.autocast x, weight and bias are cast to the autocast dtype first, as
+    F.linear's are, and the result is what `act(F.linear(x, weight, bias)) + residual` gives there:
+    the autocast dtype, or the promoted dtype of a residual of another dtype (a float32 residual
+    stream stays float32; that add is then not fused)."""
+    dt, (x, weight, bias) = _autocast(x, weight, bias)
+    if dt is None:
+        if torch.compiler.is_compiling():
+            return _compiled(x, weight, bias, activation, residual, backend)
+        return _eager(x, weight, bias, activation, residual, backend)
+    # Under autocast the result is what `act(F.linear(x, w, b)) + residual` gives: the GEMM in the
+    # autocast dtype, then a plain add, which promotes -- a float32 residual stream stays float32 (the
+    # add is fused only when the residual already has the autocast dtype).
+    late = residual if (residual is not None and residual.dtype != dt) else None
+    fused = None if late is not None else residual
+    with autocast_off(x):
+        if torch.compiler.is_compiling():
+            y = _compiled(x, weight, bias, activation, fused, backend)
+        else:
+            y = _eager(x, weight, bias, activation, fused, backend)
+    return y if late is None else y + late
+
+
+def _eager(x, weight, bias, activation, residual, backend):
     _validate(x, weight, bias, activation, residual)
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    name = _select(backend, x, weight)
+    BACKENDS.record(name)
+    if name == "torch":
+        return _torch_linear(x, weight, bias, activation, residual)
+    weight = _contiguous_last(weight)
+    bias = vector_arg(bias)
     K, N = x.shape[-1], weight.shape[0]
     out_shape = (*x.shape[:-1], N)
-    # The backends see (M, K) rows: select on that view, not on x's leading dims (a 3-D x must not
-    # make a kernel backend look unable to run the case).
     x2 = as_rows(x, K)                                                             # (M, K)
     r2 = as_rows(residual, N) if residual is not None else None                    # (M, N)
-    name = _select(backend, x2, weight)
-    BACKENDS.record(name)
     with device_guard(x):
         if needs_grad(x, weight, bias, residual):
             need_preact = activation is not None and needs_grad(x, weight, bias)
-            return _LinearFn.apply(x2, weight, bias, r2, activation, need_preact, name).view(out_shape)
-        y, _ = BACKENDS.module(name).linear_fwd(x2, weight, bias, activation, r2, False)
+            y = _LinearFn.apply(x2, weight, bias, r2, activation, need_preact, name)
+        else:
+            y, _ = BACKENDS.module(name).linear_fwd(x2, weight, bias, activation, r2, False)
     return y.view(out_shape)
 
 
@@ -187,9 +258,18 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activati
 def _compiled(x, weight, bias, activation, residual, backend):
     _validate(x, weight, bias, activation, residual)
     name = request_for_trace(backend)  # "" = automatic; resolved in the op on its real inputs
+    if torch_at_trace(name, x.device):
+        return _torch_linear(x, weight, bias, activation, residual)  # inductor sees F.linear itself
+    bias = vector_arg(bias)
     save_preact = activation is not None and needs_grad(x, weight, bias)
     y, _ = torch.ops.fastlayers.linear_fwd(x, weight, bias, residual, activation, save_preact, name)
     return y
+
+
+def _no_autocast(t):
+    # Custom op bodies run with the caller's autocast state: the reference's fp32 matmuls must not
+    # be recast (the public function already cast the inputs).
+    return autocast_off(t) if autocast_dtype(t) is not None else contextlib.nullcontext()
 
 
 @torch.library.custom_op("fastlayers::linear_fwd", mutates_args=())
@@ -197,9 +277,10 @@ def _linear_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
                    activation: Optional[str], save_preact: bool, backend: str) -> tuple[Tensor, Tensor]:
     """Returns (y, preact); preact is a 0-element tensor when not saved. backend: a name or "" (auto)."""
     K, N = x.shape[-1], weight.shape[0]
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    backend = resolve_in_op(backend, lambda b: _select(b, as_rows(x, K), weight))
-    with device_guard(x):
+    weight = _contiguous_last(weight)
+    bias = vector_arg(bias)
+    backend = resolve_in_op(backend, lambda b: _select(b, x, weight))
+    with device_guard(x), _no_autocast(x):
         y, preact = BACKENDS.module(backend).linear_fwd(as_rows(x, K), weight, bias, activation,
                                                         as_rows(residual, N) if residual is not None else None,
                                                         save_preact)
@@ -218,9 +299,9 @@ def _(x, weight, bias, residual, activation, save_preact, backend):
 def _linear_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, preact: Optional[Tensor], activation: Optional[str],
                    has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     K, N = x.shape[-1], weight.shape[0]
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    backend = resolve_in_op(backend, lambda b: _select(b, as_rows(x, K), weight))
-    with device_guard(x):
+    weight = _contiguous_last(weight)
+    backend = resolve_in_op(backend, lambda b: _select(b, x, weight))
+    with device_guard(x), _no_autocast(x):
         dx, dw, db = BACKENDS.module(backend).linear_bwd(
             as_rows(dy, N), as_rows(x, K), weight, as_rows(preact, N) if activation is not None else None,
             activation, has_bias, True, True)
