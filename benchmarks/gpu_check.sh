@@ -48,7 +48,7 @@ step() {  # step NAME LOGFILE TIMEOUT_S CMD...: runs CMD under a time limit, app
 }
 
 step nvidia-smi "$OUT/nvidia-smi.txt" 30 nvidia-smi
-step build "$OUT/build.log" "$BUILD_S" "$PY" -m pip install --no-deps --no-build-isolation -e .
+step build "$OUT/build.log" "$BUILD_S" env FASTLAYERS_BUILD_CUDA=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
 # One small case per op x backend x dtype first: a whole-library verdict in under a minute.
 step gpu-smoke "$OUT/pytest-gpu.log" 120 "$PY" -m fastlayers.bench.gpu_smoke
 # Triton compiles one kernel per specialisation (CPU-bound): spread the tests over 8 workers when

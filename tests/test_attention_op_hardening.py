@@ -378,14 +378,15 @@ def test_kvcache_cpu_one_sdpa_unless_the_key_window_holds_nonfinite_slots(poison
     assert_close_rule(o, expect, None, factor=0, floor=1e-5)
 
 
-KV_NOCHECK_PATHS = ["ref", "torch_device", "torch_compiled"] + [
+KV_NOCHECK_PATHS = ["ref", "torch_device"] + [
     pytest.param("triton_launcher", marks=c.marks) for c in kernel_backend_cases() if c.values[1] == "cpu"]
 
 
 @pytest.mark.parametrize("path", KV_NOCHECK_PATHS)
 def test_kvcache_bad_lengths_write_nothing_and_give_nan_rows(path):
-    """Where no host check runs (CUDA tensors, torch.compile): a row with len < 0 or len + Lq > Lmax
-    is not written and its output rows are NaN; the other rows are exact."""
+    """Where no host check runs (CUDA tensors; here the launchers and the device-tensor path): a row
+    with len < 0 or len + Lq > Lmax is not written and its output rows are NaN; the other rows are
+    exact."""
     B, Lmax, H, D, Lq = 4, 10, 2, 16, 2
     lens = [-1, 3, 9, 8]  # bad, good, bad (9 + 2 > 10), good (8 + 2 == 10)
     kc, vc = (torch.randn(B, Lmax, H, D) for _ in range(2))
@@ -405,12 +406,19 @@ def test_kvcache_bad_lengths_write_nothing_and_give_nan_rows(path):
     assert_close_rule(o[good], expect, None, factor=0, floor=1e-5)
 
 
-def test_kvcache_bad_lengths_raise_for_cpu_tensors():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_kvcache_bad_lengths_raise_for_cpu_tensors(compiled):
+    """CPU tensors are checked on the host (free there), under torch.compile too (inside the op)."""
     kc = torch.randn(2, 10, 2, 8)
     q = torch.randn(2, 2, 2, 8)
+    f = fl.attention_with_kvcache
+    if compiled:
+        f = torch.compile(lambda *a: fl.attention_with_kvcache(*a), backend="aot_eager", fullgraph=True)
     for lens, arg in (([-1, 0], "cache_seqlens"), ([3, 9], "k_cache")):
+        kc_w = kc.clone()
         with pytest.raises(ValueError, match=arg):
-            fl.attention_with_kvcache(q, kc, kc.clone(), torch.tensor(lens, dtype=torch.int32), q, q)
+            f(q, kc_w, kc_w.clone(), torch.tensor(lens, dtype=torch.int32), q, q)
+        assert torch.equal(kc_w, kc), "nothing may be written before the error"
 
 
 # ===================================================================================== padded keys
@@ -823,3 +831,16 @@ def test_docstrings_state_layout_and_polarity():
         assert "(B, L, H, D)" in doc and "(B, H, L, D)" in doc
     assert "True = attend" in fl.attention.__doc__ and "nn.MultiheadAttention" in fl.attention.__doc__
     assert "True = attend" in fl.nn.MultiheadSelfAttention.forward.__doc__
+
+
+@pytest.mark.parametrize("backend,device", kernel_backend_cases())
+def test_explicit_kernel_backend_takes_a_strided_head_dim(backend, device):
+    """Selection asks the backend about the tensors its launcher gets (a contiguous last dim), so an
+    explicit kernel backend runs k with a strided head dim (copied at launch) instead of refusing it."""
+    q = torch.randn(1, 4, 2, 8, device=device)
+    k = torch.randn(1, 5, 2, 16, device=device)[..., ::2]
+    v = torch.randn(1, 5, 2, 8, device=device)
+    o = fl.attention(q, k, v, backend=backend)
+    assert fl.last_backend("attention") == backend
+    ref = F.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert_close_rule(o, ref, None, floor=1e-5)

@@ -643,3 +643,21 @@ def test_reference_launcher_matches_the_native_backend_float64():
         g = torch.randn_like(e)
         for a, c in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(e, leaves, g)):
             torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+
+
+# ============================================================================ explicit backend, strided last dim
+@pytest.mark.parametrize("backend,device", kernel_backend_cases())
+def test_explicit_kernel_backend_takes_a_transposed_weight(backend, device):
+    """Selection asks the backend about the tensors its launcher gets (a contiguous last dim), so an
+    explicit kernel backend runs a transposed weight (copied at launch) instead of refusing it."""
+    x = torch.randn(5, 8, device=device, requires_grad=True)
+    w = torch.randn(8, 6, device=device).t().requires_grad_(True)       # (N, K) = (6, 8), stride (1, 6)
+    b = torch.randn(6, device=device)
+    y = fl.linear(x, w, b, activation="gelu", backend=backend)
+    assert fl.last_backend("linear") == backend
+    y64 = compose(x.double(), w.double(), b.double(), "gelu", None)
+    assert_close_rule(y, y64, compose(x, w, b, "gelu", None))
+    dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    dx64, dw64 = torch.autograd.grad(y64, (x, w), torch.ones_like(y64))
+    assert_close_rule(dx, dx64, None, floor=1e-4, what="dx")
+    assert_close_rule(dw, dw64, None, floor=1e-4, what="dw")
