@@ -1,7 +1,6 @@
 """fl.attention / fl.attention_with_kvcache at the op level: the reference against a plain float64
 softmax(QK^T)V, every kernel backend through the public op, dropout semantics, validation,
 opcheck, torch.compile and the nn module."""
-import math
 
 import pytest
 import torch
@@ -10,25 +9,7 @@ import fastlayers as fl
 from fastlayers.kernels.philox import dropout_keep_mask
 from backends_matrix import kernel_backend_cases
 from helpers import assert_close_rule
-
-
-def naive_attention(q, k, v, causal=False, mask=None, scale=None, keep=None, p=0.0):
-    """Plain float64 softmax(QK^T)V with the op's semantics (bottom-right causal, empty rows -> 0)."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))                      # (B, H, L, D)
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    s = q @ k.transpose(-1, -2) * scale
-    allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed &= (torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + Lk - Lq)
-    if mask is not None:
-        allowed &= mask[:, None, None, :]
-    s = s.masked_fill(~allowed, float("-inf"))
-    pr = torch.softmax(s, -1).nan_to_num(0.0)
-    if keep is not None:
-        pr = pr * keep / (1 - p)
-    return (pr @ v).transpose(1, 2)
+from helpers import attention_f64 as naive_attention
 
 
 def _qkv(B, Lq, Lk, H, D, dtype, device, grad=False):

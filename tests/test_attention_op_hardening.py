@@ -15,6 +15,7 @@ from fastlayers.kernels.philox import dropout_keep_mask
 from fastlayers.ops import attention as A
 from backends_matrix import kernel_backend_cases
 from conftest import HAS_CUDA
+from helpers import attention_f64 as naive
 from helpers import assert_close_rule
 
 BACKENDS = [pytest.param("torch", "cpu", id="torch")] + kernel_backend_cases()
@@ -34,28 +35,6 @@ def _floor(dtype):
 
 def _gfloor(dtype):
     return {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
-
-
-def naive(q, k, v, causal=False, mask=None, scale=None, keep=None, p=0.0):
-    """float64 softmax(q k^T) v in (B, L, H, D): bottom-right causal, key padding, empty rows -> 0."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))                     # (B, H, L, D)
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    s = q @ k.transpose(-1, -2) * scale
-    allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed &= torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + Lk - Lq
-    if mask is not None:
-        allowed &= mask[:, None, None, :]
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True).detach() if Lk else s.new_zeros(B, H, Lq, 1)
-    e = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
-    den = e.sum(-1, keepdim=True)
-    pr = e / torch.where(den == 0, 1.0, den)
-    if keep is not None:
-        pr = pr * keep / (1 - p)
-    return (pr @ v).transpose(1, 2)
 
 
 def _qkv(B, Lq, Lk, H, D, dtype, device, grad=False):
