@@ -23,12 +23,17 @@ from ..backends import requested, use_backend
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def dtype_name(d: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how error messages spell a dtype."""
+    return str(d).replace("torch.", "")
+
+
 def check_tensor(t, arg: str, *, dtypes=FLOAT_DTYPES, min_dim: int | None = None, dim: int | None = None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{arg}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{arg}: expected dtype in ({names}), got {dtype_name(t.dtype)}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{arg}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
     if min_dim is not None and t.dim() < min_dim:
@@ -41,8 +46,8 @@ def check_like(t, arg: str, ref: torch.Tensor, ref_arg: str, *, shape=None, same
     if t.device != ref.device:
         raise ValueError(f"{arg}: expected a tensor on {ref_arg}'s device {ref.device}, got {t.device}")
     if same_dtype and t.dtype != ref.dtype:
-        raise TypeError(f"{arg}: expected {ref_arg}'s dtype {str(ref.dtype).replace('torch.', '')}, "
-                        f"got {str(t.dtype).replace('torch.', '')} (mixed dtypes are not supported)")
+        raise TypeError(f"{arg}: expected {ref_arg}'s dtype {dtype_name(ref.dtype)}, "
+                        f"got {dtype_name(t.dtype)} (mixed dtypes are not supported)")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{arg}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
@@ -122,6 +127,13 @@ def autocast_cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[tor
     if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
         return t
     return t.to(dtype)
+
+
+def no_autocast(t: torch.Tensor):
+    """autocast_off(t) when autocast is on for t's device type, else a no-op context. Custom op
+    bodies run with the caller's autocast state: the public function already cast the inputs, so
+    the backend's own torch calls (the reference's fp32 math) must not be recast."""
+    return autocast_off(t) if autocast_dtype(t) is not None else contextlib.nullcontext()
 
 
 def autocast_off(t: torch.Tensor):

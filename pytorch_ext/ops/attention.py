@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import (autocast_cast, autocast_dtype, autocast_off, check_like, check_tensor, device_guard,
+from ._common import (autocast_cast, autocast_dtype, autocast_off, check_like, check_tensor, device_guard, dtype_name,
                       needs_grad, request_for_trace, resolve_in_op, torch_at_trace, vector_arg)
 from ..kernels.philox import dropout_keep_mask
 
@@ -665,8 +665,8 @@ def _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, sof
     check_tensor(k_cache, "k_cache", dim=4)
     check_tensor(v_cache, "v_cache", dim=4)
     if v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"v_cache: expected k_cache's dtype {str(k_cache.dtype).replace('torch.', '')}, "
-                        f"got {str(v_cache.dtype).replace('torch.', '')}")
+        raise TypeError(f"v_cache: expected k_cache's dtype {dtype_name(k_cache.dtype)}, "
+                        f"got {dtype_name(v_cache.dtype)}")
     kc, vc = k_cache.to(dtype), v_cache.to(dtype)                                  # (B, Lmax, H, D) copies
     _validate_kv(q, kc, vc, cache_seqlens, *(None if t is None else autocast_cast(t, dtype) for t in (k_new, v_new)),
                  causal, softmax_scale)

@@ -27,7 +27,6 @@ so in-place edits (nn.ReLU(inplace=True), h += 1) behave as after torch.nn layer
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -35,9 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import OpBackends
-from ._common import (as_rows, autocast_cast, autocast_dtype, autocast_off, check_like, check_tensor,
+from ._common import (as_rows, autocast_cast, autocast_dtype, autocast_off, check_like, check_tensor, dtype_name,
                       device_guard, empty_placeholder, last_dim_contiguous, needs_grad, request_for_trace,
-                      resolve_in_op, torch_at_trace, vector_arg)
+                      no_autocast, resolve_in_op, torch_at_trace, vector_arg)
 
 OP = "layer_norm"
 MAX_COLS_KERNELS = 65536  # the Triton and CUDA kernels' limit; the torch backend takes any size
@@ -185,10 +184,6 @@ def _kernel_params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
 
 
 # ----------------------------------------------------------------------------- validation
-def _dt(d: torch.dtype) -> str:
-    return str(d).replace("torch.", "")
-
-
 def _validate(x, weight, bias, eps, residual, rms):
     check_tensor(x, "x", min_dim=1)
     cols = x.shape[-1]
@@ -205,13 +200,13 @@ def _validate(x, weight, bias, eps, residual, rms):
                 continue
             if x.dtype not in _HALF:
                 if t.dtype != x.dtype:
-                    raise TypeError(f"{arg}: expected x's dtype {_dt(x.dtype)}, got {_dt(t.dtype)} (LayerNorm mixes "
+                    raise TypeError(f"{arg}: expected x's dtype {dtype_name(x.dtype)}, got {dtype_name(t.dtype)} (LayerNorm mixes "
                                     f"dtypes only as float16/bfloat16 x with float32 parameters)")
             elif t.dtype not in (x.dtype, torch.float32):
-                raise TypeError(f"{arg}: expected x's dtype {_dt(x.dtype)} or float32, got {_dt(t.dtype)}")
+                raise TypeError(f"{arg}: expected x's dtype {dtype_name(x.dtype)} or float32, got {dtype_name(t.dtype)}")
             elif t is bias and weight is not None and bias.dtype != weight.dtype:
-                raise TypeError(f"bias: expected x's dtype {_dt(x.dtype)} or float32, like weight "
-                                f"({_dt(weight.dtype)}), got {_dt(bias.dtype)} (LayerNorm with float16/bfloat16 "
+                raise TypeError(f"bias: expected x's dtype {dtype_name(x.dtype)} or float32, like weight "
+                                f"({dtype_name(weight.dtype)}), got {dtype_name(bias.dtype)} (LayerNorm with float16/bfloat16 "
                                 f"x takes parameters all of x's dtype or all float32)")
     if residual is not None:
         check_like(residual, "residual", x, "x", shape=x.shape)
@@ -240,11 +235,6 @@ def _autocast(x, weight, bias, residual):
         x, weight, bias, residual = (autocast_cast(t, torch.float32) if isinstance(t, Tensor) else t
                                      for t in (x, weight, bias, residual))
     return x, weight, bias, residual, s
-
-
-def _no_autocast(t: Tensor):
-    # Custom op bodies run with the caller's autocast state: the reference's math must not be recast.
-    return autocast_off(t) if autocast_dtype(t) is not None else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- eager path
@@ -357,7 +347,7 @@ def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     backend = resolve_in_op(backend, lambda b: _select(b, x))
     x2 = as_rows(x, cols)
     r2 = as_rows(residual, cols) if residual is not None else None
-    with device_guard(x), _no_autocast(x):
+    with device_guard(x), no_autocast(x):
         y, res_out, mean, rstd = _launchers(backend).layer_norm_fwd(x2, r2, weight, bias, eps, rms)
     res_out = _same_shape(res_out, x.shape) if res_out is not None else empty_placeholder(x)
     mean = mean if mean is not None else empty_placeholder(rstd)
@@ -382,7 +372,7 @@ def _layer_norm_bwd_op(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Te
     cols = s.shape[-1]
     weight = vector_arg(weight)
     backend = resolve_in_op(backend, lambda b: _select(b, s))
-    with device_guard(s), _no_autocast(s):
+    with device_guard(s), no_autocast(s):
         ds, dw, db = _launchers(backend).layer_norm_bwd(
             as_rows(dy, cols), as_rows(s, cols), weight, None if rms else mean, rstd,
             as_rows(dresidual_out, cols) if dresidual_out is not None else None, has_bias, rms,

@@ -20,7 +20,6 @@ composition whenever the backend is "torch" whatever the shapes (torch_at_trace)
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -31,7 +30,7 @@ from torch import Tensor
 from ..backends import OpBackends
 from ._common import (as_rows, autocast_cast, autocast_dtype, autocast_off, check_like, check_tensor,
                       device_guard, empty_placeholder, needs_grad, request_for_trace, resolve_in_op,
-                      torch_at_trace, vector_arg)
+                      no_autocast, torch_at_trace, vector_arg)
 
 OP = "linear"
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
@@ -266,12 +265,6 @@ def _compiled(x, weight, bias, activation, residual, backend):
     return y
 
 
-def _no_autocast(t):
-    # Custom op bodies run with the caller's autocast state: the reference's fp32 matmuls must not
-    # be recast (the public function already cast the inputs).
-    return autocast_off(t) if autocast_dtype(t) is not None else contextlib.nullcontext()
-
-
 @torch.library.custom_op("fastlayers::linear_fwd", mutates_args=())
 def _linear_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                    activation: Optional[str], save_preact: bool, backend: str) -> tuple[Tensor, Tensor]:
@@ -280,7 +273,7 @@ def _linear_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     weight = _contiguous_last(weight)
     bias = vector_arg(bias)
     backend = resolve_in_op(backend, lambda b: _select(b, x, weight))
-    with device_guard(x), _no_autocast(x):
+    with device_guard(x), no_autocast(x):
         y, preact = BACKENDS.module(backend).linear_fwd(as_rows(x, K), weight, bias, activation,
                                                         as_rows(residual, N) if residual is not None else None,
                                                         save_preact)
@@ -301,7 +294,7 @@ def _linear_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, preact: Optional[Tenso
     K, N = x.shape[-1], weight.shape[0]
     weight = _contiguous_last(weight)
     backend = resolve_in_op(backend, lambda b: _select(b, x, weight))
-    with device_guard(x), _no_autocast(x):
+    with device_guard(x), no_autocast(x):
         dx, dw, db = BACKENDS.module(backend).linear_bwd(
             as_rows(dy, N), as_rows(x, K), weight, as_rows(preact, N) if activation is not None else None,
             activation, has_bias, True, True)
