@@ -3,7 +3,7 @@
     AutoConfig.from_pretrained(dir)                     -> the family's config
     AutoModel.from_pretrained(dir, dtype=, device=)     -> the family's base model
     AutoModelForMaskedLM / ForSequenceClassification / ForTokenClassification /
-    ForQuestionAnswering / ForMultipleChoice            -> that head
+    ForQuestionAnswering / ForMultipleChoice / ForCausalLM  -> that head
     model_for_architecture(dir)                         -> the class named in config.json's
                                                            `architectures` (what the file was saved as)
 Families register with `register(model_type, config_class, **{task: class})`; GPT-2 and BART add
@@ -110,6 +110,10 @@ class AutoModelForMultipleChoice(_AutoModel):
     task = "multiple-choice"
 
 
+class AutoModelForCausalLM(_AutoModel):
+    task = "causal-lm"
+
+
 def model_for_architecture(model_dir):
     """The class that config.json's `architectures[0]` names (a fastlayers class of the same name),
     else the family's base model."""
@@ -123,8 +127,10 @@ def model_for_architecture(model_dir):
 
 
 def _register_builtin() -> None:
-    from . import bert
-    from .config import BertConfig
+    from . import bert, gpt2
+    from .config import BertConfig, GPT2Config
+    register("gpt2", GPT2Config, base=gpt2.GPT2Model, **{
+        "causal-lm": gpt2.GPT2LMHeadModel, "sequence-classification": gpt2.GPT2ForSequenceClassification})
     register("bert", BertConfig, base=bert.BertModel, **{
         "masked-lm": bert.BertForMaskedLM, "sequence-classification": bert.BertForSequenceClassification,
         "token-classification": bert.BertForTokenClassification,

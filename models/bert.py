@@ -45,8 +45,9 @@ class BertEmbeddings(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)                      # (B, L, H)
         x = inputs_embeds + self.token_type_embeddings(token_type_ids)
-        x = x + self.position_embeddings(position_ids)
-        x = fl.layer_norm(x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        # LayerNorm((word + type) + position): the last add fused into the norm (a + b is exact either way)
+        x, _ = fl.layer_norm(self.position_embeddings(position_ids).expand_as(x), self.LayerNorm.weight,
+                             self.LayerNorm.bias, self.LayerNorm.eps, residual=x)
         return _dropout(x, self.dropout_p, self.training)
 
 
@@ -75,12 +76,19 @@ class BertSelfAttention(nn.Module):
         return ctx.reshape(B, L, -1), probs
 
 
-def attention_probs(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-    """softmax(q k^T / sqrt(D)) with padded keys masked, (B, nh, Lq, Lk): transformers' eager
-    `attentions` (computed apart from the fused kernel, which never materialises it)."""
-    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5
+def attention_probs(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], causal: bool = False,
+                    scale: Optional[float] = None) -> Tensor:
+    """softmax(scale * q k^T) with padded (and, if causal, future) keys masked, (B, nh, Lq, Lk):
+    transformers' eager `attentions`, computed apart from the fused kernel, which never
+    materialises it. scale defaults to 1/sqrt(D)."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    lo = torch.finfo(s.dtype).min
     if key_padding_mask is not None:
-        s = s.masked_fill(~key_padding_mask[:, None, None, :], torch.finfo(s.dtype).min)
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], lo)
+    if causal:
+        Lq, Lk = s.shape[-2:]
+        future = torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(Lk - Lq + 1)
+        s = s.masked_fill(future, lo)
     return s.softmax(-1).to(q.dtype)
 
 

@@ -196,3 +196,61 @@ class BertConfig(ModelConfig):
                               f"got {self.hidden_size}")
         if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
             raise ConfigError(f"layer_norm_eps: expected a float > 0, got {self.layer_norm_eps!r}")
+
+
+@dataclass
+class GPT2Config(ModelConfig):
+    """transformers' GPT2Config fields (same names and defaults: gpt2, 124M)."""
+    model_type: ClassVar[str] = "gpt2"
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None            # None -> 4 * n_embd
+    activation_function: str = "gelu_new"    # gelu_new: GELU, tanh approximation
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True          # scores / sqrt(head_dim)
+    scale_attn_by_inverse_layer_idx: bool = False   # scores / (layer_idx + 1) as well
+    reorder_and_upcast_attn: bool = False    # fp32 scores: what the fused kernels always do
+    add_cross_attention: bool = False
+    bos_token_id: Optional[int] = 50256
+    eos_token_id: Any = 50256
+
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.n_positions
+
+    @property
+    def inner_size(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        if self.n_inner is not None:
+            _positive(self, "n_inner")
+        _choice(self, "activation_function", ACTIVATION_OF)
+        _choice(self, "add_cross_attention", {False})
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            _choice(self, name, {True, False})
+        _probability(self, "resid_pdrop", "embd_pdrop", "attn_pdrop")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd: must be a multiple of n_head={self.n_head}, got {self.n_embd}")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
+            raise ConfigError(f"layer_norm_epsilon: expected a float > 0, got {self.layer_norm_epsilon!r}")

@@ -1,8 +1,11 @@
-"""Building blocks the model families share: fused projections that checkpoints store apart.
+"""Building blocks the model families share: linears whose fast layout differs from the checkpoint's.
 
-`FusedLinear` holds one weight for projections that a checkpoint keeps as separate linears
-(BERT's query/key/value, BART's q_proj/k_proj/v_proj): one GEMM instead of three. The model's
-`state_dict()` / `load_state_dict()` translate with `split_fused` / `merge_fused`, so the keys a
+fl.linear takes a weight (out, in). Two checkpoint layouts differ from that:
+  - `FusedLinear`: one weight for projections a checkpoint stores apart (BERT's query/key/value,
+    BART's q_proj/k_proj/v_proj): one GEMM instead of three.
+  - `Conv1DLinear`: GPT-2's `Conv1D`, stored (in, out); kept here as (out, in).
+The model's `state_dict()` / `load_state_dict()` translate with `split_fused` / `merge_fused`
+(every module with a `checkpoint_tensors` / `internal_tensor` pair), so the keys and shapes a
 user sees and saves stay the checkpoint's, and transformers loads what fastlayers saves.
 """
 from __future__ import annotations
@@ -13,66 +16,108 @@ from torch import Tensor, nn
 import fastlayers as fl
 
 
-class FusedLinear(nn.Module):
+class CheckpointLinear(nn.Module):
+    """A linear whose parameters are stored under other names/shapes in checkpoints."""
+    keys_on_parent = False    # checkpoint keys relative to the parent module (True) or to this one
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: Tensor, activation=None, residual=None) -> Tensor:
+        return fl.linear(x, self.weight, self.bias, activation=activation, residual=residual)
+
+    def checkpoint_tensors(self, pname: str, t: Tensor) -> dict:   # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def internal_tensor(self, pname: str, parts: dict):            # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FusedLinear(CheckpointLinear):
     """y = act(x @ W^T + b) + residual with W = cat(parts' weights) along the output dim.
 
     parts: ordered {checkpoint name: out_features}; the checkpoint stores `<parent>.<name>.weight`
     (out, in) and `<parent>.<name>.bias` (out,), where <parent> is the module holding this one.
     weight: (sum(out), in_features); bias: (sum(out),) or None.
     """
+    keys_on_parent = True
 
     def __init__(self, in_features: int, parts: dict, bias: bool = True):
-        super().__init__()
-        self.in_features = in_features
         self.parts = tuple(parts.items())
-        out = sum(n for _, n in self.parts)
-        self.weight = nn.Parameter(torch.empty(out, in_features))
-        self.bias = nn.Parameter(torch.empty(out)) if bias else None
+        super().__init__(in_features, sum(n for _, n in self.parts), bias)
 
-    def forward(self, x: Tensor, activation=None, residual=None) -> Tensor:
-        return fl.linear(x, self.weight, self.bias, activation=activation, residual=residual)
+    def checkpoint_tensors(self, pname, t):
+        chunks = t.split([n for _, n in self.parts], dim=0)
+        return {f"{name}.{pname}": c for (name, _), c in zip(self.parts, chunks)}
+
+    def internal_tensor(self, pname, parts):
+        keys = [f"{name}.{pname}" for name, _ in self.parts]
+        return torch.cat([parts[k] for k in keys], dim=0) if all(k in parts for k in keys) else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, parts={dict(self.parts)}, bias={self.bias is not None}"
 
 
-def _fused(model: nn.Module):
+class Conv1DLinear(CheckpointLinear):
+    """transformers' Conv1D (GPT-2): y = x @ W_ckpt + b with W_ckpt (in, out) in the checkpoint;
+    held here as W = W_ckpt^T (out, in) for fl.linear. Constructor order as Conv1D: (nf=out, nx=in)."""
+
+    def __init__(self, nf: int, nx: int, bias: bool = True):
+        super().__init__(nx, nf, bias)
+
+    def checkpoint_tensors(self, pname, t):
+        return {pname: t.t() if pname == "weight" else t}
+
+    def internal_tensor(self, pname, parts):
+        t = parts.get(pname)
+        return None if t is None else (t.t() if pname == "weight" else t)
+
+    def extra_repr(self) -> str:
+        return f"nx={self.in_features}, nf={self.out_features}, bias={self.bias is not None}"
+
+
+def _layouts(model: nn.Module):
     for path, m in model.named_modules():
-        if isinstance(m, FusedLinear):
+        if isinstance(m, CheckpointLinear):
             parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
-            yield path + ".", parent, m
+            yield path + ".", (parent if m.keys_on_parent else path + "."), m
 
 
 def split_fused(model: nn.Module, sd: dict, prefix: str = "") -> dict:
-    """Internal names -> checkpoint names: each FusedLinear's weight/bias become its parts' (views)."""
-    for own, parent, m in _fused(model):
+    """Internal names/shapes -> the checkpoint's (views, no copies)."""
+    for own, base, m in _layouts(model):
         for pname in ("weight", "bias"):
             key = prefix + own + pname
-            if key not in sd:
-                continue
-            chunks = sd.pop(key).split([n for _, n in m.parts], dim=0)
-            for (name, _), t in zip(m.parts, chunks):
-                sd[prefix + parent + name + "." + pname] = t
+            if key in sd:
+                for rel, t in m.checkpoint_tensors(pname, sd.pop(key)).items():
+                    sd[prefix + base + rel] = t
     return sd
 
 
 def merge_fused(model: nn.Module, sd: dict) -> dict:
-    """Checkpoint names -> internal names (a new dict; inputs untouched). A fused tensor is built only
-    when every part is present; otherwise the parts stay and are reported as unexpected/missing."""
+    """Checkpoint names/shapes -> internal (a new dict; inputs untouched). A tensor is built only when
+    every part is present; otherwise the parts stay and are reported as unexpected/missing."""
     sd = dict(sd)
-    for own, parent, m in _fused(model):
+    for own, base, m in _layouts(model):
         for pname in ("weight", "bias"):
-            keys = [parent + name + "." + pname for name, _ in m.parts]
-            if all(k in sd for k in keys):
-                sd[own + pname] = torch.cat([sd.pop(k) for k in keys], dim=0)
+            rel_keys = list(m.checkpoint_tensors(pname, torch.empty(m.out_features, 0)).keys())
+            parts = {rel: sd[base + rel] for rel in rel_keys if base + rel in sd}
+            t = m.internal_tensor(pname, parts)
+            if t is not None:
+                for rel in rel_keys:
+                    del sd[base + rel]
+                sd[own + pname] = t
     return sd
 
 
 def fused_key_names(model: nn.Module) -> dict:
-    """{internal key: [checkpoint keys]} for the model's fused tensors."""
+    """{internal key: [checkpoint keys]} for the model's re-laid-out tensors."""
     out = {}
-    for own, parent, m in _fused(model):
+    for own, base, m in _layouts(model):
         for pname in ("weight", "bias"):
             if getattr(m, pname) is not None:
-                out[own + pname] = [parent + name + "." + pname for name, _ in m.parts]
+                out[own + pname] = [base + rel for rel in m.checkpoint_tensors(pname, torch.empty(m.out_features, 0))]
     return out

@@ -17,14 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .config import ModelConfig
-from .layers import FusedLinear, fused_key_names, merge_fused, split_fused
+from .layers import CheckpointLinear, fused_key_names, merge_fused, split_fused
 
 logger = logging.getLogger("fastlayers.models")
 
@@ -158,6 +159,7 @@ def as_dtype(dtype, config: Optional[ModelConfig] = None) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------- models
+_translating = threading.local()
 _LEGACY = ((re.compile(r"\.gamma$"), ".weight"), (re.compile(r"\.beta$"), ".bias"))
 
 
@@ -203,10 +205,18 @@ class PreTrainedModel(nn.Module):
 
     # -------------------------------------------------------------- checkpoint-named state dicts
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """As nn.Module.state_dict, under the checkpoint's key names (fused tensors split)."""
+        """As nn.Module.state_dict, under the checkpoint's key names and shapes (fused tensors split,
+        Conv1D weights transposed: views, no copies). The outermost model translates every key once;
+        a model nested in another (a head's body) leaves that to it."""
         if args:
             raise TypeError("state_dict: pass destination/prefix/keep_vars by keyword")
-        sd = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        if getattr(_translating, "active", False):
+            return super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        _translating.active = True
+        try:
+            sd = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        finally:
+            _translating.active = False
         sd = split_fused(self, sd, prefix)
         if destination is not None:
             destination.update(sd)
@@ -311,6 +321,9 @@ class PreTrainedModel(nn.Module):
                 logger.warning("%s from %s: %d tensors %s: %s", cls.__name__, path, len(keys), what,
                                ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
         model.loading_info = info
+        if hasattr(model, "_generation_defaults"):      # generative models read generation_config.json
+            from .generation import load_generation_config
+            model.generation_config = load_generation_config(path, config)
         model.eval()
         return (model, info) if output_loading_info else model
 
@@ -373,14 +386,23 @@ class PreTrainedModel(nn.Module):
         if not cfg.architectures or cfg.architectures[0] != type(self).__name__:
             cfg.architectures = [type(self).__name__]
         cfg.dtype = str(self.dtype).replace("torch.", "")
-        sd = {k: v for k, v in self.state_dict().items() if k not in self._tied_active()}
+        # tied copies are left out; an untied model writes every key, aliases included: transformers 5
+        # unties BERT's cls.predictions.decoder.bias from cls.predictions.bias with the word
+        # embeddings and reads the decoder's own key (zeros when absent)
+        skip = self._tied_active() if getattr(cfg, "tie_word_embeddings", True) else {}
+        sd = {k: v for k, v in self.state_dict().items() if k not in skip}
         save_checkpoint(sd, d, max_shard_size)
         cfg.save_pretrained(d)
+        gen = getattr(self, "generation_config", None)
+        if gen is not None:
+            from .generation import GENERATION_CONFIG_NAME
+            (d / GENERATION_CONFIG_NAME).write_text(json.dumps(
+                {k: v for k, v in gen.to_dict().items() if v is not None}, indent=2, sort_keys=True) + "\n")
 
 
 def init_normal_(module: nn.Module, std: float) -> None:
     """transformers' init for linears, embeddings and norms (BERT, GPT-2, BART share it)."""
-    if isinstance(module, (nn.Linear, FusedLinear)):
+    if isinstance(module, (nn.Linear, CheckpointLinear)):
         module.weight.normal_(0.0, std)
         if module.bias is not None:
             module.bias.zero_()
