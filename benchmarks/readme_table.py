@@ -2,12 +2,14 @@
 
     python -m fastlayers.bench.readme_table [--results DIR] [--include-cpu] [FILE.json ...]
 
-With no files it reads <group>-latest.json for norm, attention and linear under DIR (default: the
+With no files it reads <group>-latest.json for norm, attention, linear and bert under DIR (default: the
 folder `fastlayers bench` writes to without --out, report.default_out_dir()). Only measured numbers
 appear, each table headed by the card and versions that produced it; a row that did not run or did
 not pass its check shows its status word (FAILED, unverified, unsupported, not available, ...).
 CPU results (the no-GPU configuration) are left out unless --include-cpu: they are not GPU figures.
-Cell: rate (fraction of the measured peak, speed-up over torch eager).
+Cell: rate (fraction of the measured peak, speed-up over torch eager). Model tables (bert): one row
+per case, cells in sequences/s, and fastlayers cells add their speed-up over transformers sdpa and
+over torch.compile of it.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ if __package__ in (None, ""):  # run as a script: make `report` importable as a 
 else:
     from . import report
 
-TITLES = {"norm": "LayerNorm / RMSNorm", "attention": "Attention", "linear": "Linear (GEMM + bias + GELU)"}
-GROUPS = ("norm", "attention", "linear")
+TITLES = {"norm": "LayerNorm / RMSNorm", "attention": "Attention", "linear": "Linear (GEMM + bias + GELU)",
+          "bert": "BERT encoder (fastlayers.models.BertModel vs transformers, same weights)"}
+GROUPS = ("norm", "attention", "linear", "bert")
+MODEL_GROUPS = ("bert",)
 
 
 def _cell(r: dict) -> str:
@@ -42,16 +46,60 @@ def _cell(r: dict) -> str:
     return s + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _model_cell(r: dict) -> str:
+    if r["status"] != "ok" or r.get("rate") is None:
+        return r["status"].split(":")[0]
+    s = f"{r['rate']:.0f}" if r["rate"] >= 100 else f"{r['rate']:.3g}"
+    if not r["impl"].startswith("fastlayers"):
+        return s
+    extra = [f"{r[k]:.2f}x {name}" for k, name in (("speedup_vs_sdpa", "sdpa"), ("speedup_vs_compile", "compile"))
+             if r.get(k) is not None]
+    return s + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _header(group: str, env: dict) -> list[str]:
+    return [f"### {TITLES.get(group, group)} -- {env.get('card')}",
+            "",
+            f"{env.get('dtype')}; driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
+            f"triton {env.get('triton')}, python {env.get('python')}, fastlayers {env.get('fastlayers')} "
+            f"(commit {str(env.get('git_commit'))[:12]}), {env.get('date')}."]
+
+
+def model_table(doc: dict) -> str:
+    group, env, rows = doc["group"], doc["env"], doc["rows"]
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows)
+             if any(r["impl"] == i and r["status"] == "ok" for r in rows)]
+    lines = _header(group, env)
+    mc = next((r.get("model_config") for r in rows if r.get("model_config")), None)
+    if mc:
+        lines.append(f"Model: {mc.get('name')} (vocab {mc.get('vocab_size')}, H {mc.get('hidden_size')}, "
+                     f"{mc.get('num_hidden_layers')} layers, {mc.get('num_attention_heads')} heads, FFN "
+                     f"{mc.get('intermediate_size')}), {mc.get('weights')}; eval, forward only (no grad); "
+                     f"attention_mask passed; \"lengths 16..L\": lengths uniform in 16..L, padded at the right.")
+    if env.get("device_type") != "cuda":
+        lines.append("CPU run of the torch backend: not GPU figures.")
+    lines += ["Cells: sequences/s; fastlayers cells add the speed-up over transformers sdpa and over "
+              "torch.compile of it (same run, same inputs, outputs checked against transformers eager).", ""]
+    lines.append("| case | " + " | ".join(impls) + " |")
+    lines.append("|---|" + "---|" * len(impls))
+    by_case: dict = {}
+    for r in rows:
+        by_case.setdefault(report.case_label(group, r["case"]), {})[r["impl"]] = r
+    for case, cells in by_case.items():
+        vals = [(_model_cell(cells[i]) if i in cells else "") for i in impls]
+        if any(c and c[0].isdigit() for c in vals):
+            lines.append(f"| {case} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def table(doc: dict) -> str:
+    if doc["group"] in MODEL_GROUPS:
+        return model_table(doc)
     group, env, peaks, rows = doc["group"], doc["env"], doc.get("peaks"), doc["rows"]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     # keep columns that measured something
     impls = [i for i in impls if any(r["impl"] == i and r["status"] == "ok" for r in rows)]
-    lines = [f"### {TITLES.get(group, group)} -- {env.get('card')}",
-             "",
-             f"{env.get('dtype')}; driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
-             f"triton {env.get('triton')}, python {env.get('python')}, fastlayers {env.get('fastlayers')} "
-             f"(commit {str(env.get('git_commit'))[:12]}), {env.get('date')}."]
+    lines = _header(group, env)
     if peaks:
         lines.append(f"Measured in the same run: copy bandwidth {peaks['copy_bandwidth_gbs']:.0f} GB/s, "
                      f"bf16 GEMM {peaks['bf16_gemm_tflops']:.0f} TFLOP/s.")

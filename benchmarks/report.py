@@ -9,6 +9,12 @@ speedup_vs_eager, time_ratio_vs_eager, baseline_time_ms (CPU: the baseline's tim
 call alternately with this row's, which the ratio uses), backend_ran, baseline, error, tolerance, status, and on CPU
 for the torch backend's rows "goal": {"max_time_ratio", "met"}). A row whose status is not "ok"
 (FAILED, unverified, error, ...) has no time, rate, fraction of peak or speed-up.
+Model groups (bert): unit "seq/s", work = sequences per call; the reference row is transformers
+eager (so "speedup_vs_eager" is over it), and each row also has "speedup_vs_sdpa" and
+"speedup_vs_compile" (over transformers sdpa and torch.compile of it, same case; null when either
+did not run), "model_config", "backends_ran_by_op" for fastlayers rows (attention, linear,
+layer_norm), and on a GPU in bf16 for fastlayers rows "goal": {"min_speedup_vs_sdpa",
+"min_speedup_vs_compile", "met"} (MODEL_GOALS, issue 9).
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from pathlib import Path
 
 SCHEMA = 2
 GOAL_TIME_RATIO = 1.2     # CPU goal (issue 8): the torch backend within 1.2x of the native call's time
+# Model goal (issue 9, H200 bf16): fastlayers' speed-up over transformers sdpa and over torch.compile of it
+MODEL_GOALS = {"min_speedup_vs_sdpa": 1.8, "min_speedup_vs_compile": 1.2}
+SDPA_IMPL, COMPILE_IMPL = "transformers sdpa", "torch.compile (transformers sdpa)"
 
 
 def default_out_dir() -> Path:
@@ -45,6 +54,9 @@ def case_label(group: str, case: dict) -> str:
             return shape + ("" if mask == "none" else f" {mask}")
         if group == "linear":
             return f"{c['M']}x{c['K']}->{c['N']}" + (" +res" if c.get("residual") else "")
+        if group == "bert":
+            shape = f"{c['model']} B{c['batch']} L{c['seqlen']}"
+            return shape if c["lengths"] == "full" else f"{shape} lengths {c['lengths'].split()[-1]}"
     except KeyError:
         pass
     return " ".join(f"{k}={v}" for k, v in c.items())
@@ -91,6 +103,71 @@ def format_table(group: str, rows: list[dict]) -> str:
             r["status"] if len(r["status"]) <= 100 else r["status"][:97] + "...",
         ])
     return _align(head, body, right={4, 5, 7, 8, 9}, breaks=[(r["variant"], b[1]) for r, b in zip(rows, body)])
+
+
+def add_model_speedups(rows: list[dict], env: dict) -> None:
+    """Model rows: "speedup_vs_sdpa" and "speedup_vs_compile" from the same case's rows. Each is a
+    quotient of time ratios to the reference row (transformers eager): on a GPU that is plain time
+    over time; on CPU each ratio was timed call by call against the reference, so load cancels."""
+    by_case: dict = {}
+    for r in rows:
+        by_case.setdefault((r["variant"], tuple(sorted(r["case"].items()))), {})[r["impl"]] = r
+    goal = env.get("device_type") == "cuda" and env.get("dtype") == "bfloat16"
+    for impls in by_case.values():
+        for r in impls.values():
+            for key, base in (("speedup_vs_sdpa", SDPA_IMPL), ("speedup_vs_compile", COMPILE_IMPL)):
+                b = impls.get(base)
+                ok = r["status"] == "ok" and b is not None and b["status"] == "ok"
+                mine, theirs = r.get("time_ratio_vs_eager"), (b or {}).get("time_ratio_vs_eager")
+                r[key] = theirs / mine if ok and mine and theirs else None
+            if goal and r["impl"].startswith("fastlayers"):
+                vs_sdpa, vs_compile = r["speedup_vs_sdpa"], r["speedup_vs_compile"]
+                met = None
+                if vs_sdpa is not None and vs_compile is not None:
+                    met = (vs_sdpa >= MODEL_GOALS["min_speedup_vs_sdpa"]
+                           and vs_compile >= MODEL_GOALS["min_speedup_vs_compile"])
+                r["goal"] = dict(MODEL_GOALS, met=met)
+
+
+def format_model_table(group: str, rows: list[dict]) -> str:
+    head = ["case", "impl", "ran", "time ms", "seq/s", "vs eager", "vs sdpa", "vs compile", "error", "status"]
+    body = []
+    for r in rows:
+        ok = r["status"] == "ok"
+
+        def x(key):
+            return f"{r[key]:.2f}x" if ok and r.get(key) is not None else "-"
+        body.append([case_label(group, r["case"]), r["impl"], r.get("backend_ran") or "",
+                     _fmt(r["time_ms"], ".4g") if ok else "-", _fmt(r["rate"], ".4g") if ok else "-",
+                     x("speedup_vs_eager"), x("speedup_vs_sdpa"), x("speedup_vs_compile"), _error_cell(r),
+                     r["status"] if len(r["status"]) <= 100 else r["status"][:97] + "..."])
+    return _align(head, body, right={3, 4, 5, 6, 7, 8}, breaks=[b[0] for b in body])
+
+
+def format_model_summary(group: str, rows: list[dict], env: dict) -> str:
+    """One line per fastlayers row that ran: its speed-up over transformers sdpa and torch.compile,
+    and on a GPU in bf16 the goal (MODEL_GOALS)."""
+    lines = []
+    gpu_bf16 = env.get("device_type") == "cuda" and env.get("dtype") == "bfloat16"
+    for r in rows:
+        if not r["impl"].startswith("fastlayers") or r["status"] != "ok":
+            continue
+        parts = [f"{r['speedup_vs_sdpa']:.2f}x transformers sdpa" if r.get("speedup_vs_sdpa") else
+                 "transformers sdpa did not run",
+                 f"{r['speedup_vs_compile']:.2f}x torch.compile" if r.get("speedup_vs_compile") else
+                 "torch.compile did not run"]
+        line = f"  {case_label(group, r['case'])}  {r['impl']}: {', '.join(parts)}"
+        if gpu_bf16 and r.get("goal"):
+            met = r["goal"]["met"]
+            line += "  goal " + ("met" if met else "MISSED" if met is False else "not measured")
+        lines.append(line)
+    goal = (f"goal on a GPU in bf16 (issue 9, H200): >= {MODEL_GOALS['min_speedup_vs_sdpa']:g}x transformers sdpa, "
+            f">= {MODEL_GOALS['min_speedup_vs_compile']:g}x torch.compile of it")
+    if not gpu_bf16:
+        goal += " (not judged on this run: " + ("CPU figures" if env.get("device_type") != "cuda"
+                                                else f"{env.get('dtype')}") + ")"
+    return ("fastlayers speed-up (sequences/s over the baseline's, same inputs, same weights); " + goal + "\n"
+            + ("\n".join(lines) if lines else "  no fastlayers row ran"))
 
 
 def _align(head, body, right, breaks=None) -> str:

@@ -1,7 +1,12 @@
-"""`fastlayers bench`: measures the card's peaks, then every selected op group, then prints a table
-per group and writes its JSON (and PNG). torch.compile rows run last, after every group's other rows,
-and each group's JSON is already written before them, so a run cut short (--max-seconds, a kill)
-keeps what it measured.
+"""`fastlayers bench`: measures the card's peaks, then every selected op group and model, then prints a
+table per group and writes its JSON (and PNG).
+What runs: `--ops` picks op groups (norm, attention, linear), `--models` picks models (bert: the
+encoder's sequences/s against transformers eager, sdpa and torch.compile; see bert.py). Each takes
+a comma-separated list, "all" or "none". Neither flag: every op group and every model. Only one of
+them: just what it names (`--ops norm` measures norm alone, `--models bert` BERT alone). Both: each as
+given (`--ops none --models bert` = `--models bert`).
+torch.compile rows run last, after every group's other rows, and each group's JSON is already
+written before them, so a run cut short (--max-seconds, a kill) keeps what it measured.
 Every row is checked against its baseline's result on the same inputs before it is timed (see
 harness.py); the table shows each row's error, and a row over its dtype's tolerance is FAILED, with
 no speed. The header says which fastlayers backends were asked for, and each group says which ran
@@ -21,18 +26,25 @@ from pathlib import Path
 
 import torch
 
-from . import attention, linear, norm, report
+from . import attention, bert, linear, norm, report
 from .report import default_out_dir
 from .harness import TOLERANCE, Progress, Runner, card_slug, environment, measure_peaks, run_jobs, short_message, \
     tolerance
 from .impls import DTYPES, Config
 
-GROUPS = {"norm": norm, "attention": attention, "linear": linear}
+OP_GROUPS = {"norm": norm, "attention": attention, "linear": linear}
+MODEL_GROUPS = {"bert": bert}
+GROUPS = {**OP_GROUPS, **MODEL_GROUPS}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ops", default="norm,attention,linear",
-                   help="comma-separated op groups among norm, attention, linear (default: all)")
+    p.add_argument("--ops", default=None, metavar="LIST",
+                   help="op groups: comma-separated among norm, attention, linear, or 'all' / 'none' "
+                        "(default: all when --models is not given either, else none)")
+    p.add_argument("--models", default=None, metavar="LIST",
+                   help="models: comma-separated among bert, or 'all' / 'none' (default: all when --ops is "
+                        "not given either, else none); bert: encoder sequences/s of fastlayers.models.BertModel "
+                        "against transformers eager, sdpa and torch.compile, same random weights")
     p.add_argument("--quick", action="store_true",
                    help="a reduced shape set (a few minutes on one H100, seconds on a CPU; no max-autotune compiles)")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -54,17 +66,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time budget: rows not started by then are recorded as skipped (results still written)")
 
 
-def _parse_list(text: str, allowed, what: str) -> list[str]:
+def _parse_list(text: str, allowed, what: str, keywords: bool = False) -> list[str]:
+    """The names in a comma-separated list; with keywords, "all" and "none" alone are allowed too."""
     items = [s.strip() for s in text.split(",") if s.strip()]
+    if keywords and items in (["all"], ["none"]):
+        return list(allowed) if items == ["all"] else []
     bad = [s for s in items if allowed is not None and s not in allowed]
-    if bad or not items:
+    if bad or not items or len(set(items)) != len(items):
+        extra = ", or 'all' / 'none'" if keywords else ""
         raise SystemExit(f"fastlayers bench: {what} must be a comma-separated subset of "
-                         f"{', '.join(allowed)}; got {text!r}")
+                         f"{', '.join(allowed)}{extra}; got {text!r}")
     return items
 
 
+def selected_groups(ops: str | None, models: str | None) -> list[str]:
+    """The groups to run, op groups first (in GROUPS order). Neither flag: all; one flag: only what
+    it names; both: each as given. Nothing selected is an error."""
+    if ops is None and models is None:
+        ops = models = "all"
+    chosen = (_parse_list("none" if ops is None else ops, list(OP_GROUPS), "--ops", keywords=True)
+              + _parse_list("none" if models is None else models, list(MODEL_GROUPS), "--models", keywords=True))
+    if not chosen:
+        raise SystemExit("fastlayers bench: nothing to measure (--ops and --models both select none)")
+    return [g for g in GROUPS if g in chosen]
+
+
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    groups = _parse_list(args.ops, list(GROUPS), "--ops")
+    groups = selected_groups(args.ops, args.models)
     gpu = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not gpu:
         raise SystemExit("fastlayers bench: --device cuda but torch sees no CUDA GPU")
@@ -144,16 +172,24 @@ def _run(args, argv, groups, gpu, device, cfg) -> int:
         rows_by_group[g] = run_jobs(runner, phases[g][0], progress)
         if phases[g][1]:
             pending = _placeholder_rows(phases[g][1], "skipped: pending (torch.compile rows run last)")
-            report.write_json(out_dir, g, env, peaks, _table_order(rows_by_group[g] + pending), slug, tolerances)
+            rows = _table_order(rows_by_group[g] + pending)
+            if g in MODEL_GROUPS:
+                report.add_model_speedups(rows, env)
+            report.write_json(out_dir, g, env, peaks, rows, slug, tolerances)
     for g in groups:
         rows_by_group[g] += run_jobs(runner, phases[g][1], progress)
     failed = []
     for g in groups:
         rows = rows_by_group[g] = _table_order(rows_by_group[g])
-        if not gpu:
-            report.mark_goal(rows)
         print(f"\n== {g} ({env['card']}, {env['dtype']}) ==", flush=True)
-        print(report.format_table(g, rows), flush=True)
+        if g in MODEL_GROUPS:
+            report.add_model_speedups(rows, env)
+            print(report.format_model_table(g, rows), flush=True)
+            print(report.format_model_summary(g, rows, env), flush=True)
+        else:
+            if not gpu:
+                report.mark_goal(rows)
+            print(report.format_table(g, rows), flush=True)
         ran = report.backends_ran(rows)
         print("fastlayers backends that ran (fl.last_backend): "
               + ("; ".join(f"{impl} -> {', '.join(b)}" for impl, b in ran.items()) or "none"), flush=True)
@@ -164,8 +200,9 @@ def _run(args, argv, groups, gpu, device, cfg) -> int:
             print(f"wrote {plot}" if isinstance(plot, Path) else plot, flush=True)
         failed += [r for r in rows if r["impl"].startswith("fastlayers")
                    and (r["status"].startswith("error") or r["status"].startswith("FAILED"))]
-    if not gpu and "torch" in cfg.backends:
-        print("\n" + report.format_goal_table(rows_by_group), flush=True)
+    op_rows = {g: rows for g, rows in rows_by_group.items() if g in OP_GROUPS}
+    if not gpu and "torch" in cfg.backends and op_rows:
+        print("\n" + report.format_goal_table(op_rows), flush=True)
     print(f"\nresults folder: {out_dir}", flush=True)
     if failed:
         print(f"\n{len(failed)} fastlayers row(s) failed:", file=sys.stderr)

@@ -4,7 +4,8 @@ Called by pytorch_ext/ops/attention.py through exactly these functions (the laun
     attention_fwd(q, k, v, key_padding_mask, softmax_scale, causal, dropout_p, rng_state) -> (o, lse)
     attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, dropout_p, rng_state,
                   deterministic) -> (dq, dk, dv)
-    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal) -> o
+    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
+                           cache_leftpad=None) -> o
     unsupported_reason, kvcache_unsupported_reason.
 Re-exports `dropout_keep_mask` / `dropout_uniform` from kernels/philox.py, the pure-torch spec of
 the dropout mask that these kernels reproduce.
@@ -12,8 +13,8 @@ the dropout mask that these kernels reproduce.
 Layouts: q (B, Lq, H, D), k/v (B, Lk, H, D), last dim contiguous, other strides arbitrary (passed
 through, never copied). o (B, Lq, H, D) contiguous, lse (B, H, Lq) fp32 natural log of the SCALED
 scores' exp-sum, +inf for a row with no attended key (its o row is 0, its gradients are 0).
-key_padding_mask (B, Lk) bool and cache_seqlens (B,) int32 are indexed as CONTIGUOUS (the op layer
-copies other layouts; the launchers check it).
+key_padding_mask (B, Lk) bool, cache_seqlens and cache_leftpad (B,) int32 are indexed as
+CONTIGUOUS (the op layer copies other layouts; the launchers check it).
 Causal is bottom-right aligned: query i attends key j iff j <= i + (Lk - Lq).
 Masked keys: a key hidden by key_padding_mask never affects the output nor any gradient, even when
 its k / v rows hold NaN or inf (its scores are replaced, its k / v rows zeroed in registers); its
@@ -24,9 +25,10 @@ keep(b, h, i, j) = u >= p with u = (philox4x32-10(key=(seed lo, seed hi), counte
 0)).word0 >> 8) * 2**-24, c = offset + ((b*H + h)*Lq + i)*Lk + j. This is tl.randint(seed, c) for
 int64 c on Triton 3.9 (a test checks it); the kernels spell philox out so the mask cannot change
 with how a Triton version splits 64-bit counters. p is compared in float32.
-KV cache: a batch row b whose cache_seqlens[b] < 0 or cache_seqlens[b] + Lq_new > Lmax is bad: its
-cache rows are not written and its output rows are NaN (loud, memory-safe, no host sync). Slots at
-and past a row's length are never read.
+KV cache: row b attends slots [cache_leftpad[b] (0 without it), cache_seqlens[b] + Lq_new); a batch
+row b whose cache_seqlens[b] < 0, cache_seqlens[b] + Lq_new > Lmax, cache_leftpad[b] < 0 or
+cache_leftpad[b] > cache_seqlens[b] + Lq_new is bad: its cache rows are not written and its output
+rows are NaN (loud, memory-safe, no host sync). Slots outside a row's window are never read.
 Grids: every launch puts its tile index on axis 0 (limit 2^31 - 1) and spreads the B*H heads over
 axes 1 and 2 (limit 65535 each), see _grid; the grid functions below are what the launchers use
 and what the CPU tests check against the limits at extreme shapes.
@@ -457,21 +459,30 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
 
 @triton.jit
-def _cache_len(SEQLENS, b, n_new, Lmax):
-    """(keys batch row b attends, whether its length is bad): bad when cache_seqlens[b] < 0 or
-    cache_seqlens[b] + n_new > Lmax; a bad row attends nothing (its output is NaN, see combine)."""
+def _cache_window(SEQLENS, LEFTPAD, b, n_new, Lmax, HAS_LEFTPAD: tl.constexpr):
+    """(first slot, end slot, bad) of batch row b: it attends slots [first, end) with first =
+    cache_leftpad[b] (0 without HAS_LEFTPAD) and end = cache_seqlens[b] + n_new. Bad when
+    cache_seqlens[b] < 0, cache_seqlens[b] + n_new > Lmax, cache_leftpad[b] < 0 or cache_leftpad[b]
+    > end; a bad row attends nothing (first = end = 0; its output is NaN, see combine)."""
     lens = tl.load(SEQLENS + b)  # int32, as written before this step
     bad = (lens < 0) | (lens > Lmax - n_new)  # no int32 overflow, whatever the length
-    return tl.where(bad, 0, tl.minimum(lens, Lmax - n_new) + n_new), bad
+    if HAS_LEFTPAD:
+        pad = tl.load(LEFTPAD + b)  # int32
+        bad = bad | (pad < 0) | (pad.to(tl.int64) > lens.to(tl.int64) + n_new)
+        first = tl.where(bad, 0, pad)
+    else:
+        first = lens * 0
+    return first, tl.where(bad, 0, tl.minimum(lens, Lmax - n_new) + n_new), bad
 
 @triton.jit(do_not_specialize=["Lq", "Lmax"])
 def _decode_append_kernel(
     KN, VN,  # (B, Lq, H, D) new keys / values
     KC, VC,  # (B, Lmax, H, D) caches, written at rows cache_seqlens[b] + i
     SEQLENS,  # (B,) int32 contiguous
+    LEFTPAD,  # (B,) int32 contiguous cache_leftpad (unused without HAS_LEFTPAD)
     stride_knb, stride_knl, stride_knh, stride_vnb, stride_vnl, stride_vnh,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-    BH, H, Lq, Lmax, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BH, H, Lq, Lmax, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
 ):
     i = tl.program_id(0)  # new row
     bh = _head_index()
@@ -480,7 +491,8 @@ def _decode_append_kernel(
     b = bh // H
     h = bh % H
     lens = tl.load(SEQLENS + b)
-    ok = (lens >= 0) & (lens <= Lmax - Lq)  # a bad row writes nothing
+    _, _, bad = _cache_window(SEQLENS, LEFTPAD, b, Lq, Lmax, HAS_LEFTPAD)
+    ok = ~bad  # a bad row writes nothing
     row = tl.where(ok, lens, 0).to(tl.int64) + i
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < tl.where(ok, HEAD_D, 0)
@@ -489,18 +501,19 @@ def _decode_append_kernel(
     tl.store(KC + b * stride_kb + row * stride_kl + h * stride_kh + offs_d, kn, mask=mask)
     tl.store(VC + b * stride_vb + row * stride_vl + h * stride_vh + offs_d, vn, mask=mask)
 
-@triton.jit(do_not_specialize=["Lq", "Lmax", "n_new", "chunk"])
+@triton.jit(do_not_specialize=["Lq", "Lmax", "n_new"])
 def _decode_split_kernel(
     Q,  # (B, Lq, H, D)
     KC, VC,  # (B, Lmax, H, D) caches (already holding the new keys)
     SEQLENS,  # (B,) int32 contiguous: cache lengths before this step
+    LEFTPAD,  # (B,) int32 contiguous cache_leftpad: first attended slot (unused without HAS_LEFTPAD)
     OP,  # (B, H, S, Lq, BLOCK_D) fp32 partial outputs (normalised within the split)
     LSEP,  # (B, H, S, Lq) fp32 partial log2-sum-exp2, -inf for an empty split
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
-    BH, H, Lq, Lmax, n_new, chunk, num_splits, qk_scale,
+    BH, H, Lq, Lmax, n_new, num_splits, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = _head_index()  # (b*H + h) * num_splits + split
@@ -518,9 +531,14 @@ def _decode_split_kernel(
     d_ok = offs_d < HEAD_D
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
                    + offs_d[None, :], offs_m, Lq, d_ok, True, EVEN_D, UPCAST)
-    seqlen, _ = _cache_len(SEQLENS, b, n_new, Lmax)  # keys of this row: <= Lmax, 0 when bad
+    # Keys of this row: slots [first, seqlen) (0, 0 when bad), seqlen <= Lmax.
+    first, seqlen, _ = _cache_window(SEQLENS, LEFTPAD, b, n_new, Lmax, HAS_LEFTPAD)
     diag = seqlen - Lq
-    start = split * chunk
+    # The splits share this row's key tiles from the one holding `first` (a device value, so the
+    # split count stays a static); a split past the row's keys is empty: lse -inf, o 0 (combine).
+    tile0 = (first // BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seqlen - tile0, num_splits), BLOCK_N) * BLOCK_N
+    start = tile0 + split * chunk
     end = tl.minimum(start + chunk, seqlen)  # slots >= seqlen are never loaded
     if IS_CAUSAL:
         end = tl.minimum(end, m0 + BLOCK_M + diag)
@@ -529,15 +547,17 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Decode is bandwidth-bound: every tile is masked (end is a device value), the mask is free.
+    # Decode is bandwidth-bound: every tile is masked (first and end are device values), the mask
+    # is free; slots before `first` (left padding) are never loaded, as slots >= end.
     for start_n in range(start, end, BLOCK_N):
         offs_k = start_n + offs_n
-        k = _load_tile(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
-                       offs_k, end, d_ok, True, EVEN_D, UPCAST)
-        v = _load_tile(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
-                       offs_k, end, d_ok, True, EVEN_D, UPCAST)
+        key_ok = (offs_k >= first) & (offs_k < end)  # (BLOCK_N,)
+        k = _load_rows(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
+                       key_ok, d_ok, EVEN_D, UPCAST)
+        v = _load_rows(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
+                       key_ok, d_ok, EVEN_D, UPCAST)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        ok = offs_k[None, :] < end
+        ok = key_ok[None, :]
         if IS_CAUSAL:
             ok = ok & (offs_k[None, :] <= offs_m[:, None] + diag)
         s = tl.where(ok, s, float("-inf"))
@@ -562,8 +582,9 @@ def _decode_combine_kernel(
     OP, LSEP,  # partials from _decode_split_kernel
     O,  # (B, Lq, H, D) contiguous output, q.dtype
     SEQLENS,  # (B,) int32 contiguous: a bad length makes the row NaN
+    LEFTPAD,  # (B,) int32 contiguous cache_leftpad: a bad one makes the row NaN (unused without HAS_LEFTPAD)
     stride_ob, stride_ol, stride_oh, BH, H, Lq, Lmax, n_new, num_splits,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
 ):
     i = tl.program_id(0)  # query row
     bh = _head_index()
@@ -582,7 +603,7 @@ def _decode_combine_kernel(
     den = tl.sum(w, 0)
     op = tl.load(OP + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     o = tl.sum(op * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)  # no key at all -> 0
-    _, bad = _cache_len(SEQLENS, b, n_new, Lmax)
+    _, _, bad = _cache_window(SEQLENS, LEFTPAD, b, n_new, Lmax, HAS_LEFTPAD)
     o = tl.where(bad, float("nan"), o)
     tl.store(O + b * stride_ob + h * stride_oh + i.to(tl.int64) * stride_ol + offs_d,
              o.to(O.dtype.element_ty), mask=offs_d < HEAD_D)
@@ -810,17 +831,22 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale: float,
-                           causal: bool, num_splits=None):
+                           causal: bool, cache_leftpad=None, num_splits=None):
     """Decode step -> o (B, Lq, H, D) q.dtype; writes k_new/v_new into the caches in place.
 
-    Never syncs the host. A batch row whose length is bad (cache_seqlens[b] < 0, or
-    cache_seqlens[b] + Lq > Lmax with new keys) gets NaN output rows and no cache write; slots at
-    and past a row's length are never read (torch.empty garbage there cannot leak in).
-    `num_splits` (extra, keyword) forces the split count, for tests; None picks it from statics.
+    Never syncs the host. Row b attends slots cache_leftpad[b] (0 when None) .. cache_seqlens[b] +
+    Lq_new - 1. A batch row whose lengths are bad (cache_seqlens[b] < 0, cache_seqlens[b] + Lq >
+    Lmax with new keys, cache_leftpad[b] < 0 or > cache_seqlens[b] + Lq_new) gets NaN output rows and
+    no cache write; slots outside a row's window are never read (torch.empty garbage there cannot
+    leak in). `num_splits` (extra, keyword) forces the split count, for tests; None picks it from statics.
     """
     B, Lq, H, D = q.shape
     Lmax = k_cache.shape[1]
     _require_contiguous(cache_seqlens, "cache_seqlens")
+    has_pad = cache_leftpad is not None
+    if has_pad:
+        _require_contiguous(cache_leftpad, "cache_leftpad")
+    leftpad = cache_leftpad if has_pad else cache_seqlens  # never read without HAS_LEFTPAD
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D)
     if B * H * Lq == 0:
         return o
@@ -829,11 +855,11 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
     if k_new is not None:
         n_new = Lq
         _decode_append_kernel[decode_append_grid(B, H, Lq)](
-            k_new, v_new, k_cache, v_cache, cache_seqlens,
+            k_new, v_new, k_cache, v_cache, cache_seqlens, leftpad,
             k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            B * H, H, Lq, Lmax, HEAD_D=D, BLOCK_D=block_d, num_warps=1,
+            B * H, H, Lq, Lmax, HEAD_D=D, BLOCK_D=block_d, HAS_LEFTPAD=has_pad, num_warps=1,
         )
     BM, BN, warps, stages = _decode_config(block_d, Lq)
     m_blocks = triton.cdiv(Lq, BM)
@@ -845,17 +871,18 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
     o_part = torch.empty((B, H, num_splits, Lq, block_d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, num_splits, Lq), dtype=torch.float32, device=q.device)
     _decode_split_kernel[decode_split_grid(B, H, Lq, BM, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+        q, k_cache, v_cache, cache_seqlens, leftpad, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        B * H, H, Lq, Lmax, n_new, chunk, num_splits, float(softmax_scale) * _LOG2E,
+        B * H, H, Lq, Lmax, n_new, num_splits, float(softmax_scale) * _LOG2E,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, IS_CAUSAL=bool(causal),
-        UPCAST=_INTERPRET, num_warps=warps, num_stages=stages,
+        UPCAST=_INTERPRET, HAS_LEFTPAD=has_pad, num_warps=warps, num_stages=stages,
     )
     _decode_combine_kernel[decode_combine_grid(B, H, Lq)](
-        o_part, lse_part, o, cache_seqlens, o.stride(0), o.stride(1), o.stride(2),
+        o_part, lse_part, o, cache_seqlens, leftpad, o.stride(0), o.stride(1), o.stride(2),
         B * H, H, Lq, Lmax, n_new, num_splits,
-        HEAD_D=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        HEAD_D=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        HAS_LEFTPAD=has_pad, num_warps=4,
     )
     return o
 

@@ -13,3 +13,8 @@ from .config import BertConfig, ConfigError, GPT2Config, ModelConfig  # noqa: F4
 from .generation import GenerationConfig, StaticKVCache  # noqa: F401
 from .gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model  # noqa: F401
 from .loading import CheckpointError, PreTrainedModel, resolve_model_dir  # noqa: F401
+from .auto import AutoModelForSeq2SeqLM  # noqa: F401
+from .bart import BartForConditionalGeneration, BartForSequenceClassification, BartModel  # noqa: F401
+from .config import BartConfig  # noqa: F401
+from .pipelines import PipelineError, pipeline  # noqa: F401
+from .tokenizer import BatchEncoding, Tokenizer, TokenizerError, load_tokenizer  # noqa: F401

@@ -3,7 +3,7 @@
     AutoConfig.from_pretrained(dir)                     -> the family's config
     AutoModel.from_pretrained(dir, dtype=, device=)     -> the family's base model
     AutoModelForMaskedLM / ForSequenceClassification / ForTokenClassification /
-    ForQuestionAnswering / ForMultipleChoice / ForCausalLM  -> that head
+    ForQuestionAnswering / ForMultipleChoice / ForCausalLM / ForSeq2SeqLM  -> that head
     model_for_architecture(dir)                         -> the class named in config.json's
                                                            `architectures` (what the file was saved as)
 Families register with `register(model_type, config_class, **{task: class})`; GPT-2 and BART add
@@ -114,6 +114,10 @@ class AutoModelForCausalLM(_AutoModel):
     task = "causal-lm"
 
 
+class AutoModelForSeq2SeqLM(_AutoModel):
+    task = "seq2seq-lm"
+
+
 def model_for_architecture(model_dir):
     """The class that config.json's `architectures[0]` names (a fastlayers class of the same name),
     else the family's base model."""
@@ -127,8 +131,11 @@ def model_for_architecture(model_dir):
 
 
 def _register_builtin() -> None:
-    from . import bert, gpt2
-    from .config import BertConfig, GPT2Config
+    from . import bart, bert, gpt2
+    from .config import BartConfig, BertConfig, GPT2Config
+    register("bart", BartConfig, base=bart.BartModel, **{
+        "seq2seq-lm": bart.BartForConditionalGeneration,
+        "sequence-classification": bart.BartForSequenceClassification})
     register("gpt2", GPT2Config, base=gpt2.GPT2Model, **{
         "causal-lm": gpt2.GPT2LMHeadModel, "sequence-classification": gpt2.GPT2ForSequenceClassification})
     register("bert", BertConfig, base=bert.BertModel, **{

@@ -254,3 +254,72 @@ class GPT2Config(ModelConfig):
             raise ConfigError(f"n_embd: must be a multiple of n_head={self.n_head}, got {self.n_embd}")
         if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
             raise ConfigError(f"layer_norm_epsilon: expected a float > 0, got {self.layer_norm_epsilon!r}")
+
+
+@dataclass
+class BartConfig(ModelConfig):
+    """transformers' BartConfig fields (same names and defaults: facebook/bart-large). Three labels
+    by default (id2label None -> LABEL_0..2), as transformers' BartConfig."""
+    model_type: ClassVar[str] = "bart"
+    vocab_size: int = 50265
+    max_position_embeddings: int = 1024      # embed_positions hold max_position_embeddings + 2 rows (offset 2)
+    encoder_layers: int = 12
+    encoder_ffn_dim: int = 4096
+    encoder_attention_heads: int = 16
+    decoder_layers: int = 12
+    decoder_ffn_dim: int = 4096
+    decoder_attention_heads: int = 16
+    encoder_layerdrop: float = 0.0           # training only: each layer skipped with this probability
+    decoder_layerdrop: float = 0.0
+    activation_function: str = "gelu"
+    d_model: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    init_std: float = 0.02
+    classifier_dropout: Optional[float] = 0.0
+    scale_embedding: bool = False            # word embeddings * sqrt(d_model)
+    use_cache: bool = True
+    pad_token_id: Optional[int] = 1
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Any = 2
+    is_encoder_decoder: bool = True
+    decoder_start_token_id: Optional[int] = 2
+    forced_bos_token_id: Optional[int] = None
+    forced_eos_token_id: Any = 2
+    is_decoder: bool = False
+
+    def __post_init__(self):
+        if self.id2label is None:
+            self.id2label = {i: f"LABEL_{i}" for i in range(3)}
+        super().__post_init__()
+
+    # transformers' attribute_map
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.encoder_attention_heads
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.encoder_layers
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "max_position_embeddings", "d_model", "encoder_layers", "decoder_layers",
+                  "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim")
+        _choice(self, "activation_function", ACTIVATION_OF)
+        _choice(self, "is_encoder_decoder", {True})
+        _choice(self, "is_decoder", {False})
+        for name in ("scale_embedding", "use_cache"):
+            _choice(self, name, {True, False})
+        _probability(self, "dropout", "attention_dropout", "activation_dropout", "classifier_dropout",
+                     "encoder_layerdrop", "decoder_layerdrop")
+        for name in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, name):
+                raise ConfigError(f"d_model: must be a multiple of {name}={getattr(self, name)}, got {self.d_model}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"pad_token_id: expected None or an id in [0, vocab_size={self.vocab_size}), "
+                              f"got {self.pad_token_id!r}")

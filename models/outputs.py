@@ -86,6 +86,36 @@ class QuestionAnsweringModelOutput(ModelOutput):
     attentions: Optional[tuple] = None
 
 
+
+@dataclass
+class Seq2SeqModelOutput(ModelOutput):
+    """Encoder-decoder body (transformers' field names; no cache field: generate() keeps its own)."""
+    last_hidden_state: Optional[Tensor] = None
+    decoder_hidden_states: Optional[tuple] = None
+    decoder_attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+    encoder_last_hidden_state: Optional[Tensor] = None
+    encoder_hidden_states: Optional[tuple] = None
+    encoder_attentions: Optional[tuple] = None
+
+
+@dataclass
+class Seq2SeqLMOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+    decoder_hidden_states: Optional[tuple] = None
+    decoder_attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+    encoder_last_hidden_state: Optional[Tensor] = None
+    encoder_hidden_states: Optional[tuple] = None
+    encoder_attentions: Optional[tuple] = None
+
+
+@dataclass
+class Seq2SeqSequenceClassifierOutput(Seq2SeqLMOutput):
+    pass
+
+
 def maybe_tuple(out: ModelOutput, return_dict: Optional[bool]) -> Any:
     """transformers' `return_dict=False`: the output as a plain tuple."""
     return out.to_tuple() if return_dict is False else out

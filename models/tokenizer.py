@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -259,7 +259,9 @@ class Tokenizer:
         if isinstance(ids, int):
             ids = [ids]
         text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean = clean_up_tokenization_spaces
+        if clean is None:
+            clean = self.clean_up_tokenization_spaces
         if clean and type(self._backend.model).__name__ != "BPE":
             for old, new in _CLEANUP_REPLACEMENTS:
                 text = text.replace(old, new)
@@ -314,7 +316,8 @@ class Tokenizer:
 
         padding_strategy = self._padding_strategy(padding)
         truncation_strategy = self._truncation_strategy(truncation)
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0):
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length <= 0):
             raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
             raise ValueError(f"stride: expected an int >= 0, got {stride!r}")
@@ -348,6 +351,9 @@ class Tokenizer:
                                 length=limit if padding_strategy == "max_length" else None)
 
         with self._lock:
+            if return_overflowing_tokens and stride > 0 and truncation_args is not None:
+                self._check_stride(items, text_pair is not None, limit, stride, truncation_strategy,
+                                   add_special_tokens)
             if truncation_args is None:
                 self._backend.no_truncation()
             else:
@@ -358,7 +364,9 @@ class Tokenizer:
                 self._backend.enable_padding(**padding_args)
             try:
                 encodings = self._backend.encode_batch(items, add_special_tokens=add_special_tokens)
-            except Exception as e:  # the Rust errors name no argument: say which settings failed
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # Rust errors (and panics) name no argument: say which settings failed
                 raise TokenizerError(f"tokenizers could not encode with truncation={truncation_strategy!r}, "
                                      f"max_length={limit}, stride={stride}: {e}") from e
             finally:
@@ -409,6 +417,33 @@ class Tokenizer:
             elif not batched:
                 data = {key: value[0] for key, value in data.items()}
         return BatchEncoding(data, rows)
+
+    def _check_stride(self, items: list, pairs: bool, limit: int, stride: int, strategy: str,
+                      add_special_tokens: bool) -> None:
+        """Raises ValueError where an overflowing text leaves `stride` or fewer tokens a row (the
+        `tokenizers` library panics there). Caller holds the lock."""
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        specials = self._backend.num_special_tokens_to_add(pairs) if add_special_tokens else 0
+        firsts = [item[0] for item in items] if pairs else items
+        lengths = [len(e.ids) for e in self._backend.encode_batch(firsts, add_special_tokens=False)]
+        if pairs:
+            seconds = [len(e.ids) for e in self._backend.encode_batch([item[1] for item in items],
+                                                                        add_special_tokens=False)]
+            if strategy == "only_second":
+                lengths, others = seconds, lengths
+            elif strategy == "only_first":
+                others = seconds
+            else:
+                return  # longest_first splits the budget between both texts: left to the library
+        else:
+            others = [0] * len(items)
+        for i, (n, other) in enumerate(zip(lengths, others)):
+            room = limit - specials - other
+            if n > room and 0 < room <= stride:
+                raise ValueError(f"stride: expected fewer than the {room} tokens a row has for input {i}'s truncated "
+                                 f"text (max_length={limit} - {specials} special tokens - {other} tokens of the other "
+                                 f"text), got stride={stride}")
 
     def encode(self, text: str, text_pair: Optional[str] = None, *, add_special_tokens: bool = True,
                truncation: Union[bool, str] = False, max_length: Optional[int] = None) -> list:

@@ -13,6 +13,9 @@
 - the FLOP / byte formulas match DESIGN.md ("Measuring") on hand-computed cases.
 - the runner classifies rows: ok (with the backend that ran), unsupported, not available, error,
   FAILED, unverified -- with stand-in ops, so it does not depend on the state of the real kernels.
+- the bert model group (part of the default run): fastlayers.models.BertModel against transformers
+  eager / sdpa with the same weights, checked on the non-padded positions; a perturbed weight, a
+  dropped padding mask or a model that does not run on fastlayers ops is caught; --ops / --models.
 """
 import contextlib
 import io
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 
 import fastlayers as fl
 from fastlayers import cli
-from fastlayers.bench import attention, formulas, harness, linear, norm, readme_table, report, run
+from fastlayers.bench import attention, bert, formulas, harness, linear, norm, readme_table, report, run
 from fastlayers.bench.impls import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +100,10 @@ def test_cli_bench_quick_cpu_writes_json(cpu_run):
         assert doc["backends_ran"] == {"fastlayers[torch]": ["torch"]}
         assert f"== {group}" in stdout
     assert "fastlayers backends that ran (fl.last_backend): fastlayers[torch] -> torch" in stdout
+    # the default run measures the bert model group too
+    bert_rows = json.loads((out / "bert-latest.json").read_text())["rows"]
+    failing += [r for r in bert_rows
+                if r["impl"].startswith("fastlayers") and r["status"].startswith(("FAILED", "error"))]
     # any failing fastlayers row makes the exit status 1
     assert rc == (1 if failing else 0)
 
@@ -131,6 +138,11 @@ def test_readme_table_from_cpu_json(cpu_run, capsys):
     assert readme_table.main(["--results", str(out), "--include-cpu"]) == 0
     text = capsys.readouterr().out
     assert "| variant | case | unit |" in text and "torch eager" in text and "not GPU figures" in text
+    # the bert table: one row per case, sequences/s, fastlayers cells with their speed-up over sdpa
+    assert "### BERT encoder" in text
+    assert "| case | transformers eager | transformers sdpa | fastlayers[torch] |" in text
+    assert re.search(r"\| bert-tiny-cpu B2 L128 lengths 16\.\.128 \| [0-9.]+ \| [0-9.]+ \| "
+                     r"[0-9.]+ \([0-9.]+x sdpa\) \|", text), text
     # as a script from the checkout, too (it imports no torch)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_table.py"), "--results", str(out),
                            "--include-cpu"], capture_output=True, text=True, timeout=120)
@@ -677,3 +689,146 @@ def test_gpu_smoke_cases_run_on_the_torch_backend():
     for fn in (s.case_layer_norm, s.case_attention, s.case_kvcache, s.case_linear):
         ran, err = fn("torch", torch.float32, "cpu")
         assert ran == "torch" and err < 1e-4, (fn.__name__, ran, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# the bert model group
+
+def test_cli_bench_quick_cpu_bert_rows(cpu_run):
+    """The default run's bert group: per case transformers eager (the reference), sdpa, each
+    fastlayers backend (proven for attention, linear and layer_norm) and torch.compile (skipped in
+    --quick on CPU), every ran row checked against eager on the same inputs, speed-ups over sdpa."""
+    _, stdout, out = cpu_run
+    doc = json.loads((out / "bert-latest.json").read_text())
+    assert doc["group"] == "bert" and ENV_KEYS <= set(doc["env"])
+    assert doc["backends_ran"] == {"fastlayers[torch]": ["torch"]}
+    rows = doc["rows"]
+    name, fields, cases = bert.setup(_cfg())
+    expected = [{"model": name, "batch": B, "seqlen": L, "lengths": "full" if lo is None else f"uniform {lo}..{L}"}
+                for B, L, lo in cases]
+    assert list({json.dumps(r["case"]): r["case"] for r in rows}.values()) == expected
+    for case in expected:
+        by = {r["impl"]: r for r in rows if r["case"] == case}
+        assert list(by) == ["transformers eager", "transformers sdpa", "fastlayers[torch]", report.COMPILE_IMPL]
+        eager, sdpa, ours, comp = by.values()
+        assert eager["reference"] and eager["error"] == 0.0 and eager["speedup_vs_eager"] == 1.0
+        for r in (eager, sdpa, ours):
+            assert r["status"] == "ok" and r["unit"] == "seq/s" and r["work"] == case["batch"], r
+            assert r["rate"] == pytest.approx(case["batch"] / (r["time_ms"] * 1e-3))
+            assert r["model_config"]["hidden_size"] == fields["hidden_size"] and r["speedup_vs_compile"] is None
+        for r in (sdpa, ours):
+            assert r["baseline"] == "transformers eager" and r["error"] <= r["tolerance"] == 1e-4, r
+        assert ours["backend_ran"] == "torch"
+        assert ours["backends_ran_by_op"] == {"attention": "torch", "linear": "torch", "layer_norm": "torch"}
+        assert sdpa["speedup_vs_sdpa"] == 1.0
+        assert ours["speedup_vs_sdpa"] == pytest.approx(sdpa["time_ratio_vs_eager"] / ours["time_ratio_vs_eager"])
+        assert comp["status"].startswith("skipped: --quick on CPU") and all(comp[k] is None for k in SPEED_KEYS)
+    assert "== bert" in stdout and "x transformers sdpa" in stdout and "vs compile" in stdout
+
+
+def _tiny_bert(monkeypatch, cases=((2, 32, None), (2, 48, 16))):
+    monkeypatch.setattr(bert, "setup", lambda cfg: ("bert-test", dict(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64), list(cases)))
+
+
+def test_bert_check_catches_a_perturbed_weight(monkeypatch, tmp_path):
+    """One weight of fastlayers' model nudged: its rows are FAILED with no speed, the exit status is 1,
+    and the transformers rows are untouched."""
+    _tiny_bert(monkeypatch)
+    real = bert.fastlayers_loader
+
+    def perturbed(folder, dtype, device):
+        model = real(folder, dtype, device)
+        with torch.no_grad():
+            model.encoder.layer[0].intermediate.dense.weight[0, 0] += 0.1
+        return model
+    monkeypatch.setattr(bert, "fastlayers_loader", perturbed)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc, stdout = _cli(["bench", "--models", "bert", "--device", "cpu", "--quick", "--no-plot", "--out",
+                           str(tmp_path)])
+    rows = json.loads((tmp_path / "bert-latest.json").read_text())["rows"]
+    ours = [r for r in rows if r["impl"] == "fastlayers[torch]"]
+    assert len(ours) == 2 and rc == 1 and "fastlayers row(s) failed" in err.getvalue()
+    for r in ours:
+        assert r["status"].startswith("FAILED: error") and "(vs transformers eager)" in r["status"], r
+        assert r["error"] > r["tolerance"] and all(r[k] is None for k in SPEED_KEYS)
+    assert all(r["status"] == "ok" for r in rows if r["impl"].startswith("transformers"))
+    assert not (tmp_path / "norm-latest.json").exists()           # --models alone: no op group ran
+
+
+@pytest.fixture
+def one_thread():
+    """As `fastlayers bench` runs on CPU: tiny ops on 2 threads of a shared machine cost ~20 ms each."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bert_check_compares_the_non_padded_positions_with_the_mask_applied(monkeypatch, one_thread):
+    """fl.attention dropping key_padding_mask fails the padded case only (all-ones masks change
+    nothing), and a model that never calls fastlayers ops is an error even when its numbers are
+    right and an earlier call left fl.last_backend records behind."""
+    _tiny_bert(monkeypatch)
+    StandIns(fault="attention ignores key_padding_mask").install(monkeypatch)
+    rows = harness.run_jobs(_runner(), bert.jobs(_cfg()))
+    ours = {r["case"]["lengths"]: r["status"] for r in rows if r["impl"] == "fastlayers[torch]"}
+    assert ours["full"] == "ok" and ours["uniform 16..48"].startswith("FAILED"), ours
+    monkeypatch.undo()
+
+    _tiny_bert(monkeypatch)
+
+    def transformers_model(folder, dtype, device):
+        import transformers
+        return transformers.AutoModel.from_pretrained(folder, attn_implementation="sdpa").to(device, dtype)
+    monkeypatch.setattr(bert, "fastlayers_loader", transformers_model)
+    x = torch.randn(1, 4, 1, 8)
+    fl.attention(x, x, x, backend="torch")                          # stale records of another call
+    fl.layer_norm(x, torch.ones(8), backend="torch")
+    rows = harness.run_jobs(_runner(), bert.jobs(_cfg()))
+    ours = [r for r in rows if r["impl"] == "fastlayers[torch]"]
+    assert ours and all(r["status"] == "error: RuntimeError: fl.last_backend('attention') is None after the call: "
+                        "no backend recorded" for r in ours), [r["status"] for r in ours]
+
+
+def test_bench_ops_and_models_flags():
+    sel = run.selected_groups
+    assert sel(None, None) == ["norm", "attention", "linear", "bert"]           # the default: everything
+    assert sel("norm", None) == ["norm"] and sel(None, "bert") == ["bert"]      # one flag: only what it names
+    assert sel("none", "bert") == ["bert"] and sel("all", "none") == ["norm", "attention", "linear"]
+    assert sel("linear,norm", "all") == ["norm", "linear", "bert"]
+    for ops, models, msg in (("none", "none", "nothing to measure"), ("bert", None, "--ops must be"),
+                             (None, "gpt2", "--models must be"), ("norm,all", None, "--ops must be"),
+                             ("norm,norm", None, "--ops must be"), (None, "", "--models must be")):
+        with pytest.raises(SystemExit, match=msg):
+            sel(ops, models)
+    args = cli._parser().parse_args(["bench", "--models", "bert", "--ops", "none", "--quick"])
+    assert (args.ops, args.models, args.quick) == ("none", "bert", True)
+    assert cli._parser().parse_args(["bench"]).models is None
+    with pytest.raises(SystemExit, match="nothing to measure"):
+        run.main(cli._parser().parse_args(["bench", "--ops", "none", "--models", "none", "--device", "cpu"]))
+    assert "--models bert" in run.__doc__ and "--ops none" in run.__doc__
+
+
+def test_model_speedups_and_goal():
+    def row(impl, ratio, status="ok"):
+        return {"group": "bert", "case": {"model": "m", "batch": 1, "seqlen": 8, "lengths": "full"}, "variant": "fwd",
+                "impl": impl, "status": status, "time_ratio_vs_eager": ratio if status == "ok" else None}
+    rows = [row("transformers eager", 1.0), row("transformers sdpa", 0.8), row("fastlayers[cuda]", 0.4),
+            row("fastlayers[triton]", 0.6), row(report.COMPILE_IMPL, 0.5)]
+    report.add_model_speedups(rows, {"device_type": "cuda", "dtype": "bfloat16"})
+    by = {r["impl"]: r for r in rows}
+    assert by["fastlayers[cuda]"]["speedup_vs_sdpa"] == pytest.approx(2.0)
+    assert by["fastlayers[cuda]"]["speedup_vs_compile"] == pytest.approx(1.25)
+    assert by["fastlayers[cuda]"]["goal"] == dict(report.MODEL_GOALS, met=True)
+    assert by["fastlayers[triton]"]["goal"]["met"] is False and "goal" not in by["transformers sdpa"]
+    summary = report.format_model_summary("bert", rows, {"device_type": "cuda", "dtype": "bfloat16"})
+    assert "fastlayers[cuda]: 2.00x transformers sdpa, 1.25x torch.compile  goal met" in summary
+    assert "goal MISSED" in summary
+    rows = [row("transformers eager", 1.0), row("transformers sdpa", 0.8), row("fastlayers[torch]", 0.4),
+            row(report.COMPILE_IMPL, None, status="skipped: --quick on CPU")]
+    report.add_model_speedups(rows, {"device_type": "cpu", "dtype": "float32"})
+    assert rows[2]["speedup_vs_compile"] is None and "goal" not in rows[2]
+    assert "torch.compile did not run" in report.format_model_summary("bert", rows, {"device_type": "cpu"})

@@ -7,8 +7,9 @@
 //   lse, delta (B, H, Lq) fp32 contiguous; key_padding_mask (B, Lk) uint8 with (b, l) strides.
 // Grids (launch_grid): axis x (limit 2^31 - 1) carries tiles, axes y and z (limit 65535 each) the
 // flattened (b, h[, split]) index, so every size the ABI accepts launches (B*H up to 65535^2).
-// Masked keys (key_padding_mask, kv-cache slots past a row's length) are zero-filled when their K/V
-// tiles are loaded, never read: NaN / inf there cannot reach o, lse or any gradient.
+// Masked keys (key_padding_mask, kv-cache slots past a row's length or before its cache_leftpad) are
+// zero-filled when their K/V tiles are loaded, never read: NaN / inf there cannot reach o, lse or
+// any gradient.
 // Dropout state: rng_state = device int64 [seed, offset], read by the kernels at run time.
 // Shared-memory tiles are row-major with a row stride of D + 8 elements: the 16-byte pad puts the
 // 8 rows an ldmatrix reads in 8 different 4-bank groups (row stride in words is 4 mod 32 for every
@@ -91,6 +92,7 @@ struct Params {
   int B, H, Lq, Lk;                         // Lk: the (maximal) key count
   const int32_t* seqlens_k;                 // kvcache: per-batch key count = seqlens_k[b] + seqlens_add
   int seqlens_add;
+  const int32_t* leftpad_k;                 // kvcache: first attended slot per batch (cache_leftpad), or nullptr
   float scale;        // softmax scale
   float scale_log2;   // scale * log2(e): scores live in the exp2 domain
   int causal;         // bottom-right aligned: query i attends key j iff j <= i + Lk - Lq
@@ -204,16 +206,18 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Loads rows [row0, row0 + ROWS) of a (L, D) slice with row stride `ld` (elements) into a smem
-// tile with row stride D + 8; rows >= nrows, and rows whose byte in `row_mask` (stride mask_ld;
-// NULL = none) is 0, are zero-filled without being read -- a masked key's K/V row may hold NaN or
-// inf, and 0 * NaN in P V (or in dS) would poison the unmasked rows. All 128 threads take part.
+// tile with row stride D + 8; rows < row_lo, rows >= nrows, and rows whose byte in `row_mask`
+// (stride mask_ld; NULL = none) is 0, are zero-filled without being read -- a masked key's K/V row
+// may hold NaN or inf, and 0 * NaN in P V (or in dS) would poison the unmasked rows. All 128
+// threads take part.
 template <int ROWS, int D, typename T>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t ld, int row0, int nrows,
-                                                const uint8_t* row_mask = nullptr, int64_t mask_ld = 0) {
+                                                const uint8_t* row_mask = nullptr, int64_t mask_ld = 0,
+                                                int row_lo = 0) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   for (int c = threadIdx.x; c < ROWS * kChunks; c += kNumThreads) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
-    bool ok = row0 + r < nrows;
+    bool ok = row0 + r < nrows && row0 + r >= row_lo;
     if (ok && row_mask != nullptr) ok = row_mask[static_cast<int64_t>(row0 + r) * mask_ld] != 0;
     const T* src = ok ? gmem + static_cast<int64_t>(row0 + r) * ld + col : gmem;
     cp_async_16(smem + r * (D + 8) + col, src, ok ? 16 : 0);
@@ -316,24 +320,35 @@ __device__ __forceinline__ int64_t grid_head() {
   return static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
 }
 
-// kvcache: batch b's length is bad (cache_seqlens[b] < 0 or cache_seqlens[b] + new rows > Lmax):
-// nothing is written or read for it and its output rows are NaN.
+// kvcache: batch b's lengths are bad (cache_seqlens[b] < 0, cache_seqlens[b] + new rows > Lmax,
+// cache_leftpad[b] < 0 or cache_leftpad[b] > cache_seqlens[b] + new rows): nothing is written or
+// read for it and its output rows are NaN.
 __device__ __forceinline__ bool kv_bad(const Params& p, int b) {
   if (p.seqlens_k == nullptr) return false;
   const int64_t len = p.seqlens_k[b];
-  return len < 0 || len + p.seqlens_add > p.Lk;
+  if (len < 0 || len + p.seqlens_add > p.Lk) return true;
+  if (p.leftpad_k == nullptr) return false;
+  const int64_t pad = p.leftpad_k[b];
+  return pad < 0 || pad > len + p.seqlens_add;
 }
 
-// Number of keys batch b attends (kvcache: device-side lengths, clamped to Lmax; 0 when bad).
+// Number of keys batch b attends, counted from slot 0 (kvcache: device-side lengths, clamped to
+// Lmax; 0 when bad): its keys are slots [first_key_of_batch, keys_of_batch).
 __device__ __forceinline__ int keys_of_batch(const Params& p, int b) {
   if (p.seqlens_k == nullptr) return p.Lk;
   if (kv_bad(p, b)) return 0;
   return min(p.seqlens_k[b] + p.seqlens_add, p.Lk);
 }
 
-// Whether query i may attend key j (batch b, nk keys).
-__device__ __forceinline__ bool attends(const Params& p, int b, int i, int j, int nk, int nq) {
-  if (j >= nk) return false;
+// First slot batch b attends (kvcache with cache_leftpad: its left padding; else, or when bad, 0).
+__device__ __forceinline__ int first_key_of_batch(const Params& p, int b) {
+  if (p.leftpad_k == nullptr || kv_bad(p, b)) return 0;
+  return p.leftpad_k[b];
+}
+
+// Whether query i may attend key j (batch b, keys k_first .. nk - 1; causal on the absolute j).
+__device__ __forceinline__ bool attends(const Params& p, int b, int i, int j, int nk, int nq, int k_first = 0) {
+  if (j >= nk || j < k_first) return false;
   if (p.causal && j > i + nk - nq) return false;
   if (p.kpm != nullptr && p.kpm[b * p.kpm_b + static_cast<int64_t>(j) * p.kpm_l] == 0) return false;
   return true;

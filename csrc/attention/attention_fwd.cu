@@ -10,9 +10,10 @@
 // are read from device memory (rng_state) when the kernel runs.  Keys masked by key_padding_mask
 // are zero-filled on load (never read), so NaN / inf in their K/V rows cannot reach the output.
 // fl_attention_kvcache_fwd: appends k_new / v_new at the device-side cache_seqlens, runs the
-// forward kernel over num_splits chunks of the keys (partial o / lse in fp32), then combines them.
-// No host synchronisation: the split count depends on host-known sizes only.  A batch row with a
-// bad length (< 0, or + new rows > Lmax) writes nothing to the caches and gets NaN output rows.
+// forward kernel over num_splits chunks of each row's keys [cache_leftpad, length) (partial o / lse
+// in fp32), then combines them.  No host synchronisation: the split count depends on host-known
+// sizes only.  A batch row with a bad length (< 0, or + new rows > Lmax) or a bad cache_leftpad (< 0,
+// or > length + new rows) writes nothing to the caches and gets NaN output rows.
 // fl_attention_grid: the launch grid of every attention kernel (launch_grid), for tests.
 #include <algorithm>
 #include <cmath>
@@ -53,19 +54,23 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
   const int m_block = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int nq = p.Lq, nk = keys_of_batch(p, b);  // 0 for a bad kv-cache length
+  const int k_first = first_key_of_batch(p, b);     // kv-cache left padding: slots < k_first unread
   const int m0 = m_block * BM;
   const int row0 = m0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
 
-  // Key tiles [tile_begin, tile_end): causal stops after the last key the tile's last row sees.
+  // Key tiles [tile_begin, tile_end), from the one holding k_first: causal stops after the last key
+  // the tile's last row sees; split-KV shares the row's own tiles (device-side lengths) among the
+  // splits, and a split past them is empty (lse -inf, o 0: no weight in the combine).
   const int n_tiles = (nk + BN - 1) / BN;
-  int tile_begin = 0, tile_end = n_tiles;
+  const int first_tile = k_first / BN;  // <= n_tiles (k_first <= nk)
+  int tile_begin = first_tile, tile_end = n_tiles;
   if (p.causal) {
     const int last_key = min(m0 + BM, nq) - 1 + nk - nq;
     tile_end = last_key < 0 ? 0 : min(tile_end, last_key / BN + 1);
   }
   if (p.num_splits > 1) {
-    const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
-    tile_begin = split * per_split;
+    const int per_split = (n_tiles - first_tile + p.num_splits - 1) / p.num_splits;
+    tile_begin = first_tile + split * per_split;
     tile_end = min(tile_end, tile_begin + per_split);
   }
 
@@ -96,8 +101,8 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
 
   const uint8_t* kpm = p.kpm != nullptr ? p.kpm + b * p.kpm_b : nullptr;  // masked keys: zero-filled
   load_tile_async<BM, D>(sQ, q, p.q_l, m0, nq);
-  load_tile_async<BN, D>(sK, k, p.k_l, tile_begin * BN, nk, kpm, p.kpm_l);
-  load_tile_async<BN, D>(sV, v, p.v_l, tile_begin * BN, nk, kpm, p.kpm_l);
+  load_tile_async<BN, D>(sK, k, p.k_l, tile_begin * BN, nk, kpm, p.kpm_l, k_first);
+  load_tile_async<BN, D>(sV, v, p.v_l, tile_begin * BN, nk, kpm, p.kpm_l, k_first);
   cp_async_commit();
 
   float acc[D / 8][4];
@@ -108,8 +113,8 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buf = (tile - tile_begin) & 1;
     if (tile + 1 < tile_end) {  // prefetch the next K/V tile into the other buffer
-      load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk, kpm, p.kpm_l);
-      load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk, kpm, p.kpm_l);
+      load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk, kpm, p.kpm_l, k_first);
+      load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk, kpm, p.kpm_l, k_first);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -124,13 +129,15 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
     gemm_ss<BN, D, false, true>(s, sQ, LD, warp * 16, cK, LD, 0);  // S = Q K^T (16 x BN)
 
     const int n0 = tile * BN;
-    const bool need_mask = n0 + BN > nk || p.kpm != nullptr || (p.causal && n0 + BN - 1 > m0 + nk - nq);
+    const bool need_mask = n0 + BN > nk || n0 < k_first || p.kpm != nullptr ||
+                           (p.causal && n0 + BN - 1 > m0 + nk - nq);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float x = s[j][e] * p.scale_log2;
-        if (need_mask && !attends(p, b, row0 + (e >> 1) * 8, n0 + j * 8 + 2 * t + (e & 1), nk, nq)) x = -kInf;
+        if (need_mask && !attends(p, b, row0 + (e >> 1) * 8, n0 + j * 8 + 2 * t + (e & 1), nk, nq, k_first))
+          x = -kInf;
         s[j][e] = x;
       }
 
@@ -266,8 +273,9 @@ __global__ void __launch_bounds__(kNumThreads) attention_combine_kernel(const Pa
   }
 }
 
-// Writes k_new / v_new rows i into the caches at row cache_seqlens[b] + i; a batch row whose length
-// is bad (< 0, or + nnew > Lmax) writes nothing at all (its output is NaN, see kv_bad).
+// Writes k_new / v_new rows i into the caches at row cache_seqlens[b] + i; a batch row whose lengths
+// are bad (kv_bad: length < 0 or + nnew > Lmax, a bad cache_leftpad) writes nothing at all (its
+// output is NaN).
 template <typename T>
 __global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64_t kn_b, int64_t kn_l,
                                            int64_t kn_h, const T* v_new, int64_t vn_b, int64_t vn_l,
@@ -280,9 +288,8 @@ __global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64
     const int h = static_cast<int>((idx / chunks) % p.H);
     const int i = static_cast<int>((idx / (static_cast<int64_t>(chunks) * p.H)) % nnew);
     const int b = static_cast<int>(idx / (static_cast<int64_t>(chunks) * p.H * nnew));
-    const int64_t len = p.seqlens_k[b];
-    if (len < 0 || len + nnew > p.Lk) continue;
-    const int row = static_cast<int>(len) + i;
+    if (kv_bad(p, b)) continue;  // p.seqlens_add == nnew
+    const int row = p.seqlens_k[b] + i;
     T* kc = const_cast<T*>(static_cast<const T*>(p.k)) + b * p.k_b + row * p.k_l + h * p.k_h + c;
     T* vc = const_cast<T*>(static_cast<const T*>(p.v)) + b * p.v_b + row * p.v_l + h * p.v_h + c;
     *reinterpret_cast<uint4*>(kc) = *reinterpret_cast<const uint4*>(k_new + b * kn_b + i * kn_l + h * kn_h + c);
@@ -384,6 +391,9 @@ fl_status launch_grid(int32_t kernel, int64_t B, int64_t Lq, int64_t Lk, int64_t
 
 // Published in fl_build_info() so Python never re-states the list.
 static const bool g_registered = register_info("attention_head_dims", FL_ATTN_HEAD_DIMS_JSON);
+// fl_attention_kvcache_fwd takes cache_leftpad (after cache_seqlens): the Python bridge calls it only
+// when this is published, so a library built before that argument is never called with it.
+static const bool g_registered_leftpad = register_info("attention_kvcache_leftpad", "true");
 #if FL_HAS_SM90A
 static const bool g_registered_impls = register_info("attention_fwd_impls", "[\"mma\", \"wgmma\"]");
 #else
@@ -480,7 +490,7 @@ extern "C" fl_status fl_attention_kvcache_workspace_size(int64_t B, int64_t Lq, 
 extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
                                               void* k_cache, int64_t kc_b, int64_t kc_l, int64_t kc_h,
                                               void* v_cache, int64_t vc_b, int64_t vc_l, int64_t vc_h,
-                                              const int32_t* cache_seqlens,
+                                              const int32_t* cache_seqlens, const int32_t* cache_leftpad,
                                               const void* k_new, int64_t kn_b, int64_t kn_l, int64_t kn_h,
                                               const void* v_new, int64_t vn_b, int64_t vn_l, int64_t vn_h,
                                               void* o, int64_t o_b, int64_t o_l, int64_t o_h,
@@ -524,6 +534,7 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
   p.B = (int)B; p.H = (int)H; p.Lq = (int)Lq; p.Lk = (int)Lmax;
   p.seqlens_k = cache_seqlens;
   p.seqlens_add = k_new != nullptr ? (int)Lq : 0;
+  p.leftpad_k = cache_leftpad;  // NULL: every row attends from slot 0
   p.scale = softmax_scale; p.scale_log2 = softmax_scale * 1.442695040888963407f;
   p.causal = causal != 0;
   p.dropout_rescale = 1.f;

@@ -154,16 +154,22 @@ FL_API fl_status fl_attention_kvcache_workspace_size(int64_t B, int64_t Lq, int6
                                                      int64_t Lmax, size_t* bytes);
 /* Decode step: k_cache, v_cache (B, Lmax, H, D) are written in place at rows
  * cache_seqlens[b] .. cache_seqlens[b] + Lq - 1 from k_new, v_new (B, Lq, H, D) when those are
- * given (both or neither); q then attends keys 0 .. cache_seqlens[b] (+ Lq with new keys) - 1,
- * bottom-right causal when causal != 0.  cache_seqlens (B,) int32 contiguous stays on the device
- * (no host sync; the launch sequence depends on host sizes only, so it is CUDA-graph capturable).
- * Cache slots at and past a row's length are never read (NaN / inf there cannot leak in).  A row
- * whose length is bad -- cache_seqlens[b] < 0 or cache_seqlens[b] + (Lq with new keys, else 0) >
- * Lmax -- gets nothing written to its caches and NaN output rows (loud and memory-safe). */
+ * given (both or neither); q then attends slots cache_leftpad[b] .. cache_seqlens[b] (+ Lq with
+ * new keys) - 1, bottom-right causal on the absolute slots when causal != 0 (query i attends slot j
+ * iff j <= i + length - Lq).  cache_seqlens (B,) int32 contiguous stays on the device (no host
+ * sync; the launch sequence depends on host sizes only, so it is CUDA-graph capturable).
+ * cache_leftpad (B,) int32 contiguous, or NULL (= all 0): the left padding of each row, as
+ * flash-attn's; a query with no slot to attend gets a zero row.  Slots before a row's
+ * cache_leftpad and at / past its length are never read (NaN / inf there cannot leak in).  A row
+ * whose lengths are bad -- cache_seqlens[b] < 0, cache_seqlens[b] + (Lq with new keys, else 0) >
+ * Lmax, cache_leftpad[b] < 0 or cache_leftpad[b] > cache_seqlens[b] + (Lq with new keys) -- gets
+ * nothing written to its caches and NaN output rows (loud and memory-safe).
+ * fl_build_info()["attention_kvcache_leftpad"] is true in builds whose entry point takes
+ * cache_leftpad (the Python bridge refuses older builds rather than shift the arguments). */
 FL_API fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
                                           void* k_cache, int64_t kc_b, int64_t kc_l, int64_t kc_h,
                                           void* v_cache, int64_t vc_b, int64_t vc_l, int64_t vc_h,
-                                          const int32_t* cache_seqlens,
+                                          const int32_t* cache_seqlens, const int32_t* cache_leftpad,
                                           const void* k_new, int64_t kn_b, int64_t kn_l, int64_t kn_h,
                                           const void* v_new, int64_t vn_b, int64_t vn_l, int64_t vn_h,
                                           void* o, int64_t o_b, int64_t o_l, int64_t o_h,

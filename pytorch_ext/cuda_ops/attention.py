@@ -4,8 +4,9 @@ Guarantees: the same functions and semantics as fastlayers.kernels.attention (th
 contract): q (B, Lq, H, D), k/v (B, Lk, H, D), bottom-right causal, key_padding_mask (B, Lk) bool
 (True = attend; contiguous, masked keys never read), the counter-based philox dropout mask shared by
 every backend with its state rng_state = device int64 [seed, offset] read by the kernels at run
-time, lse (B, H, Lq) fp32 with +inf for rows that attend no key, kv-cache rows with a bad length
-NaN and unwritten.  Outputs and workspaces are allocated here with torch.empty on the input's
+time, lse (B, H, Lq) fp32 with +inf for rows that attend no key, kv-cache rows attending slots
+[cache_leftpad, length) (cache_leftpad None: from 0), rows with a bad length or left padding NaN and
+unwritten.  Outputs and workspaces are allocated here with torch.empty on the input's
 device; kernels run on its current stream (csrc/attention/*.cu).  Strides are passed through as
 they are when the kernels can read them (contiguous head dim, 16-byte aligned data, (b, l, h)
 strides that are multiples of 8 elements; a size-1 dim's stride is never used); any other layout
@@ -128,7 +129,17 @@ def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None)
     """Why the CUDA backend cannot run attention_with_kvcache, or None when it can (every tensor's
     dtype, device, strides and alignment are checked, so auto selection never meets a C-side error)."""
     named = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new))
-    return _common_reason(q, tuple((n, t) for n, t in named if t is not None))
+    return _common_reason(q, tuple((n, t) for n, t in named if t is not None)) or _kvcache_abi_reason()
+
+
+def _kvcache_abi_reason() -> str | None:
+    """fl_attention_kvcache_fwd gained cache_leftpad after cache_seqlens: a library built before that
+    (no "attention_kvcache_leftpad" in its build info) would read every later argument shifted by
+    one, so it is never called."""
+    if not _cuda.build_info().get("attention_kvcache_leftpad", False):
+        return (f"{_cuda.LIB_NAME} predates fl_attention_kvcache_fwd's cache_leftpad argument (stale build? "
+                f"rebuild it)")
+    return None
 
 
 def _mask_args(key_padding_mask: torch.Tensor | None):
@@ -185,10 +196,14 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale: float,
-                           causal: bool):
+                           causal: bool, cache_leftpad=None):
     """-> o (B, Lq, H, D); writes k_new / v_new into the caches in place (see the module docstring).
-    Never syncs the host; a row with a bad length (< 0, or + Lq new rows > Lmax) gets NaN output
-    rows and no cache write."""
+    Row b attends slots cache_leftpad[b] (0 when None) .. cache_seqlens[b] + Lq_new - 1. Never syncs
+    the host; a row with a bad length (< 0, or + Lq new rows > Lmax) or a bad cache_leftpad (< 0, or
+    > its length + Lq new rows) gets NaN output rows and no cache write."""
+    reason = _kvcache_abi_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
     B, Lq, H, D = q.shape  # (B, Lq, H, D)
     Lmax = k_cache.shape[1]  # k_cache, v_cache (B, Lmax, H, D)
     if (k_new is None) != (v_new is None):
@@ -198,6 +213,11 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
         raise TypeError(f"cache_seqlens must be int32 on {q.device}, got {cache_seqlens.dtype} on "
                         f"{cache_seqlens.device}")
     _require_contiguous(cache_seqlens, "cache_seqlens")  # (B,) int32
+    if cache_leftpad is not None:
+        if cache_leftpad.dtype != torch.int32 or cache_leftpad.device != q.device:
+            raise TypeError(f"cache_leftpad must be int32 on {q.device}, got {cache_leftpad.dtype} on "
+                            f"{cache_leftpad.device}")
+        _require_contiguous(cache_leftpad, "cache_leftpad")  # (B,) int32
     q, k_new, v_new = _kernel_layout(q), _kernel_layout(k_new), _kernel_layout(v_new)
     # The caches are written in place: one the kernels cannot read runs on an aligned copy that is
     # copied back afterwards (rows of bad lengths are untouched in the copy, so unchanged).
@@ -208,7 +228,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
         workspace = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=q.device)  # fp32 partials
         _cuda.call("fl_attention_kvcache_fwd",
                    _cuda.ptr(q), *_strides(q), _cuda.ptr(kc), *_strides(kc),
-                   _cuda.ptr(vc), *_strides(vc), _cuda.ptr(cache_seqlens),
+                   _cuda.ptr(vc), *_strides(vc), _cuda.ptr(cache_seqlens), _cuda.ptr(cache_leftpad),
                    _cuda.ptr(k_new), *_strides(k_new), _cuda.ptr(v_new), *_strides(v_new),
                    _cuda.ptr(o), *_strides(o), _cuda.ptr(workspace), nbytes,
                    B, Lq, Lmax, H, D, float(softmax_scale), int(bool(causal)), _cuda.dtype_code(q),

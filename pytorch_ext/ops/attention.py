@@ -7,9 +7,10 @@ opposite (True = ignore): pass `~mask`.
 
 Guarantees, every backend:
   - causal is bottom-right aligned: query i attends key j iff j <= i + (Lk - Lq);
-  - a key hidden by key_padding_mask (or, in attention_with_kvcache, a cache slot at or past the
-    row's length) never affects the output nor any gradient, even when its k / v rows hold NaN or
-    inf; its dk / dv are 0. A query with no key gets a zero output row and zero gradients.
+  - a key hidden by key_padding_mask (or, in attention_with_kvcache, a cache slot before the row's
+    cache_leftpad or at / past its length) never affects the output nor any gradient, even when its
+    k / v rows hold NaN or inf; its dk / dv are 0. A query with no key gets a zero output row and
+    zero gradients.
     Keys hidden only by causality are real tokens: no such guarantee (a NaN there propagates);
   - dropout: a counter-based Philox mask (kernels/philox.py is the spec) drawn from an rng_state
     TENSOR [seed, offset] made by torch.randint on q's device -- torch.manual_seed fixes it, a CUDA
@@ -182,10 +183,21 @@ def attention_ref_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, caus
     return back(dq, q), back(dk, k), back(dv, v)
 
 
-def _kv_write_ok(cache_seqlens, n_new, Lmax):
-    """(B,) bool: the batch rows whose length is valid (0 <= len, len + n_new <= Lmax), on the device."""
+def _kv_write_ok(cache_seqlens, n_new, Lmax, cache_leftpad=None):
+    """(B,) bool: the batch rows whose lengths are valid (0 <= len, len + n_new <= Lmax, and with
+    cache_leftpad 0 <= leftpad <= len + n_new), on the device."""
     lens = cache_seqlens.long()
-    return (lens >= 0) & (lens + n_new <= Lmax)
+    ok = (lens >= 0) & (lens + n_new <= Lmax)
+    if cache_leftpad is not None:
+        pad = cache_leftpad.long()
+        ok = ok & (pad >= 0) & (pad <= lens + n_new)
+    return ok
+
+
+def _kv_window_mask(cache_leftpad, Lk, device):
+    """(B, Lk) bool, True from slot cache_leftpad[b] on: the keys a left-padded row may attend (the
+    upper end, the row's length, is applied as kv_lens)."""
+    return torch.arange(Lk, device=device)[None, :] >= cache_leftpad.to(device).long()[:, None]
 
 
 def _kv_write(k_cache, v_cache, cache_seqlens, k_new, v_new, ok):
@@ -203,17 +215,20 @@ def _kv_write(k_cache, v_cache, cache_seqlens, k_new, v_new, ok):
     v_cache[bidx, pos] = torch.where(okr, v_new.to(v_cache.dtype), v_cache[bidx, pos])
 
 
-def attention_with_kvcache_ref(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal):
-    """Reference decode step (the semantics of every backend): writes the new rows of valid batch rows,
-    attends keys 0 .. len+Lq-1; a bad batch row (len < 0 or len + Lq_new > Lmax) writes nothing and
-    gets NaN output rows."""
+def attention_with_kvcache_ref(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
+                               cache_leftpad=None):
+    """Reference decode step (the semantics of every backend): writes the new rows of valid batch rows
+    at slots len .. len+Lq_new-1, attends slots leftpad .. len+Lq_new-1 (leftpad = 0 without
+    cache_leftpad; causal bottom-right on the absolute slots); a bad batch row (len < 0, len + Lq_new >
+    Lmax, leftpad < 0 or leftpad > len + Lq_new) writes nothing and gets NaN output rows."""
     Lq, Lmax = q.shape[1], k_cache.shape[1]
     n_new = Lq if k_new is not None else 0
-    ok = _kv_write_ok(cache_seqlens, n_new, Lmax)
+    ok = _kv_write_ok(cache_seqlens, n_new, Lmax, cache_leftpad)
     if k_new is not None:
         _kv_write(k_cache, v_cache, cache_seqlens, k_new, v_new, ok)
     lens = cache_seqlens.to(q.device).long() + n_new
-    o, _ = attention_ref(q, k_cache, v_cache, None, softmax_scale, causal, 0.0, None, kv_lens=lens)
+    window = _kv_window_mask(cache_leftpad, Lmax, q.device) if cache_leftpad is not None else None
+    o, _ = attention_ref(q, k_cache, v_cache, window, softmax_scale, causal, 0.0, None, kv_lens=lens)
     return o.masked_fill(~ok[:, None, None, None], float("nan"))
 
 
@@ -289,22 +304,26 @@ def _attention_math(q, k, v, key_padding_mask, softmax_scale, causal, dropout_p,
     return torch.matmul(p, vh).transpose(1, 2).to(q.dtype).contiguous()
 
 
-def attention_with_kvcache_torch(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal):
+def attention_with_kvcache_torch(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
+                                 cache_leftpad=None):
     """The "torch" backend of the decode step, on SDPA. CPU tensors (outside torch.compile): lengths
-    read on the host (free there), keys sliced to the longest row. Other devices: no host read --
-    masks over Lmax, unused slots zeroed (NaN-proof), bad rows NaN."""
+    read on the host (free there), keys sliced to the window the rows need. Other devices: no host
+    read -- masks over Lmax, unused slots zeroed (NaN-proof), bad rows NaN."""
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _kvcache_torch_host(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal)
-    return _kvcache_torch_device(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal)
+        return _kvcache_torch_host(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
+                                   cache_leftpad)
+    return _kvcache_torch_device(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
+                                 cache_leftpad)
 
 
-def _kvcache_torch_host(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal):
+def _kvcache_torch_host(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, cache_leftpad=None):
     B, Lq = q.shape[:2]
     Lmax = k_cache.shape[1]
     n_new = Lq if k_new is not None else 0
     lens = cache_seqlens.tolist()
-    ok = [0 <= n and n + n_new <= Lmax for n in lens]
-    same = all(ok) and len(set(lens)) <= 1
+    starts = cache_leftpad.tolist() if cache_leftpad is not None else [0] * B  # first attended slot per row
+    ok = [0 <= n and n + n_new <= Lmax and 0 <= s <= n + n_new for n, s in zip(lens, starts)]
+    same = all(ok) and len(set(lens)) <= 1 and len(set(starts)) <= 1
     if n_new:
         if same and B:  # one copy per cache (the common static-batch decode)
             k_cache[:, lens[0]:lens[0] + Lq] = k_new
@@ -320,47 +339,54 @@ def _kvcache_torch_host(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
                     k_cache[b, n:n + Lq] = k_new[b]
                     v_cache[b, n:n + Lq] = v_new[b]
     totals = [n + n_new for n in lens]
-    if same:  # every row attends keys 0 .. n-1 of its own cache: a plain causal/full attention
-        n = totals[0] if B else n_new
-        return attention_torch(q, k_cache[:, :n], v_cache[:, :n], None, scale, causal, 0.0, None)
+    if same:  # every row attends keys s .. n-1 of its own cache: a plain causal/full attention
+        n, s = (totals[0], starts[0]) if B else (n_new, 0)
+        return attention_torch(q, k_cache[:, s:n], v_cache[:, s:n], None, scale, causal, 0.0, None)
     if all(ok):
-        # One SDPA over the keys every row may need, masked per row -- if the unused slots inside
-        # that window are harmless (_hidden_rows_safe); else one SDPA per row on exactly its keys.
-        n = max(totals)
-        kw, vw = k_cache[:, :n], v_cache[:, :n]                                    # (B, n, H, D) views
-        total = torch.tensor(totals)
-        rows = (torch.arange(n)[None, :] >= total[:, None]).nonzero(as_tuple=True)  # the unused slots
+        # One SDPA over the slots some row attends (lo .. n-1), masked per row -- if the unused slots
+        # inside that window are harmless (_hidden_rows_safe); else one SDPA per row on exactly its keys.
+        lo, n = min(starts), max(totals)
+        kw, vw = k_cache[:, lo:n], v_cache[:, lo:n]                                # (B, n - lo, H, D) views
+        total, start = torch.tensor(totals) - lo, torch.tensor(starts) - lo        # (B,) in window slots
+        j = torch.arange(n - lo)[None, :]
+        rows = ((j >= total[:, None]) | (j < start[:, None])).nonzero(as_tuple=True)  # the unused slots
         if _hidden_rows_safe(kw[rows], vw[rows]):
-            may_be_empty = min(totals) == 0 or (causal and Lq > min(totals))
-            return _kv_masked_sdpa(q, kw, vw, total, scale, causal, zero_unused=False, may_be_empty=may_be_empty)
+            width = min(t - s for t, s in zip(totals, starts))  # keys of the narrowest row
+            may_be_empty = width == 0 or (causal and Lq > width)
+            return _kv_masked_sdpa(q, kw, vw, total, scale, causal, zero_unused=False, may_be_empty=may_be_empty,
+                                   start=start if cache_leftpad is not None else None)
     o = q.new_empty(q.shape)                                                       # (B, Lq, H, D)
-    for b, n in enumerate(lens):  # one SDPA per row, each on exactly its keys
+    for b, (n, s) in enumerate(zip(lens, starts)):  # one SDPA per row, each on exactly its keys
         if ok[b]:
-            o[b:b + 1] = attention_torch(q[b:b + 1], k_cache[b:b + 1, :n + n_new], v_cache[b:b + 1, :n + n_new],
+            o[b:b + 1] = attention_torch(q[b:b + 1], k_cache[b:b + 1, s:n + n_new], v_cache[b:b + 1, s:n + n_new],
                                          None, scale, causal, 0.0, None)
         else:
             o[b] = float("nan")
     return o
 
 
-def _kvcache_torch_device(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal):
+def _kvcache_torch_device(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, cache_leftpad=None):
     Lq, Lmax = q.shape[1], k_cache.shape[1]
     n_new = Lq if k_new is not None else 0
-    ok = _kv_write_ok(cache_seqlens, n_new, Lmax)                                  # (B,)
+    ok = _kv_write_ok(cache_seqlens, n_new, Lmax, cache_leftpad)                   # (B,)
     if k_new is not None:
         _kv_write(k_cache, v_cache, cache_seqlens, k_new, v_new, ok)
-    o = _kv_masked_sdpa(q, k_cache, v_cache, cache_seqlens.long() + n_new, scale, causal, zero_unused=True)
+    start = cache_leftpad.long() if cache_leftpad is not None else None
+    o = _kv_masked_sdpa(q, k_cache, v_cache, cache_seqlens.long() + n_new, scale, causal, zero_unused=True,
+                        start=start)
     return o.masked_fill(~ok.view(-1, 1, 1, 1), float("nan"))
 
 
-def _kv_masked_sdpa(q, k, v, total, scale, causal, zero_unused, may_be_empty=True):
-    """q (B, Lq, H, D) over k, v (B, Lk, H, D) where row b has total[b] keys (bottom-right causal
-    against its own count): one SDPA with a bool mask; rows with no key give 0 (may_be_empty=False:
-    the caller knows there is none). zero_unused: set the slots past each row's count to 0 first
-    (NaN-proof at the cost of a copy of k and v)."""
+def _kv_masked_sdpa(q, k, v, total, scale, causal, zero_unused, may_be_empty=True, start=None):
+    """q (B, Lq, H, D) over k, v (B, Lk, H, D) where row b attends slots start[b] .. total[b]-1 (start
+    None: from 0; bottom-right causal against total[b]): one SDPA with a bool mask; rows with no key
+    give 0 (may_be_empty=False: the caller knows there is none). zero_unused: set the slots outside
+    each row's window to 0 first (NaN-proof at the cost of a copy of k and v)."""
     Lq, Lk = q.shape[1], k.shape[1]
     j = torch.arange(Lk, device=q.device)
     valid = j[None, :] < total[:, None]                                            # (B, Lk)
+    if start is not None:
+        valid = valid & (j[None, :] >= start[:, None])
     if zero_unused:
         k, v = _zero_rows(k, valid), _zero_rows(v, valid)
     allowed = valid[:, None, None, :]                                              # (B, 1, 1, Lk)
@@ -569,7 +595,18 @@ def _attention(q, k, v, causal, softmax_scale, key_padding_mask, dropout_p, dete
     return o
 
 
-def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale):
+def _check_row_vector(t, arg, B, q):
+    """cache_seqlens / cache_leftpad: an int32 (B,) tensor on q's device (any stride)."""
+    if not isinstance(t, Tensor) or t.dtype != torch.int32:
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{arg}: expected an int32 tensor, got {got}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{arg}: expected shape (B,) = ({B},), got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{arg}: expected a tensor on q's device {q.device}, got {t.device}")
+
+
+def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, cache_leftpad=None):
     check_tensor(q, "q", dim=4)
     check_tensor(k_cache, "k_cache", dim=4)
     check_tensor(v_cache, "v_cache", dim=4)
@@ -580,13 +617,9 @@ def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softm
     B, Lq, H, D = q.shape
     if k_cache.shape[0] != B or k_cache.shape[2] != H or k_cache.shape[3] != D:
         raise _shape_error("k_cache", f"shape (B={B}, Lmax, H={H}, D={D}) to match q {tuple(q.shape)}", k_cache.shape)
-    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
-        got = cache_seqlens.dtype if isinstance(cache_seqlens, Tensor) else type(cache_seqlens).__name__
-        raise TypeError(f"cache_seqlens: expected an int32 tensor, got {got}")
-    if tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens: expected shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens: expected a tensor on q's device {q.device}, got {cache_seqlens.device}")
+    _check_row_vector(cache_seqlens, "cache_seqlens", B, q)
+    if cache_leftpad is not None:
+        _check_row_vector(cache_leftpad, "cache_leftpad", B, q)
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new, v_new: pass both or neither")
     if k_new is not None:
@@ -604,10 +637,10 @@ def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softm
                          "in place, so they cannot be copied)")
 
 
-def _check_lengths(q, k_cache, cache_seqlens, n_new):
+def _check_lengths(q, k_cache, cache_seqlens, n_new, cache_leftpad=None):
     """The host check of the lengths (a device read): run for CPU tensors, where it is free, and for
     CUDA tensors only when FASTLAYERS_CHECK_LENGTHS=1 (never while a CUDA graph is captured). Without
-    it, a bad length gives NaN output rows and no write (the kernels' contract)."""
+    it, a bad length (or left padding) gives NaN output rows and no write (the kernels' contract)."""
     dev = q.device.type
     if dev != "cpu" and (dev != "cuda" or os.environ.get(CHECK_LENGTHS_ENV) != "1"
                          or torch.cuda.is_current_stream_capturing()):
@@ -620,25 +653,41 @@ def _check_lengths(q, k_cache, cache_seqlens, n_new):
     if hi + n_new > k_cache.shape[1]:
         raise ValueError(f"k_cache: too short: cache_seqlens.max() + Lq = {hi} + {n_new} > Lmax = "
                          f"{k_cache.shape[1]}")
+    if cache_leftpad is not None:
+        pad = cache_leftpad.long()
+        lo = int(pad.min())
+        if lo < 0:
+            raise ValueError(f"cache_leftpad: left padding must be >= 0, got min {lo}")
+        over = pad - (cache_seqlens.long() + n_new)                                # > 0: past the row's keys
+        b = int(over.argmax())
+        if int(over[b]) > 0:
+            raise ValueError(f"cache_leftpad: expected cache_leftpad[b] <= cache_seqlens[b] + Lq_new, got "
+                             f"{int(pad[b])} > {int(cache_seqlens[b])} + {n_new} at b = {b}")
 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                            k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, *,
-                           causal: bool = True, softmax_scale: Optional[float] = None,
-                           backend: Optional[str] = None) -> Tensor:
+                           cache_leftpad: Optional[Tensor] = None, causal: bool = True,
+                           softmax_scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
     """One decoding step over a KV cache (forward only; inputs must not require grad).
 
     Layout (B, L, H, D), as fl.attention (NOT SDPA's (B, H, L, D)).
       q: (B, Lq, H, D); k_cache, v_cache: (B, Lmax, H, D), q's dtype, last dim contiguous (written in
       place, never copied); cache_seqlens: (B,) int32 on q's device, each row's length BEFORE this
       step (any stride). k_new, v_new: (B, Lq, H, D) or None. Returns (B, Lq, H, D) in q's dtype.
+      cache_leftpad: None or (B,) int32 on q's device (any stride), as flash-attn's: row b's first
+      cache_leftpad[b] slots are left padding of a left-padded prompt batch, never attended.
     k_new / v_new, when given, are written into the caches at rows cache_seqlens[b] ..
-    cache_seqlens[b] + Lq - 1, and q attends keys 0 .. cache_seqlens[b] + Lq - 1 (with causal=True,
-    bottom-right within the new block). Cache slots at or past a row's length (after the append)
-    never affect the output, even when they hold NaN / inf (what torch.empty leaves).
-    Bad lengths (cache_seqlens[b] < 0, or cache_seqlens[b] + Lq > Lmax with k_new): for CPU tensors a
-    ValueError; for CUDA tensors the check would cost a host sync per call, so it is skipped -- row
-    b is not written and its output rows are NaN -- unless FASTLAYERS_CHECK_LENGTHS=1 asks for it.
+    cache_seqlens[b] + Lq - 1 (absolute slots, left padding included), and q attends slots
+    cache_leftpad[b] (0 without it) .. cache_seqlens[b] + Lq - 1; with causal=True query i attends
+    slots up to cache_seqlens[b] + i (+ Lq - Lq_new: bottom-right on the absolute slots). Slots
+    outside that window (the left padding, and slots at or past a row's length after the append)
+    never affect the output, even when they hold NaN / inf (what torch.empty leaves). A query with
+    no slot to attend (cache_leftpad[b] == cache_seqlens[b] + Lq_new) gets a zero output row.
+    Bad lengths (cache_seqlens[b] < 0, cache_seqlens[b] + Lq > Lmax with k_new, cache_leftpad[b] < 0
+    or cache_leftpad[b] > cache_seqlens[b] + Lq_new): for CPU tensors a ValueError; for CUDA tensors
+    the check would cost a host sync per call, so it is skipped -- row b is not written and its
+    output rows are NaN -- unless FASTLAYERS_CHECK_LENGTHS=1 asks for it.
     Eager decode on CUDA never synchronises (CUDA-graph capturable). Under torch.autocast q, k_new and
     v_new are cast to the autocast dtype as SDPA's inputs are; caches of another dtype keep it (the
     new rows are written in their dtype) and are read at the autocast dtype.
@@ -649,15 +698,16 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             q = autocast_cast(q, ad)
             if isinstance(k_cache, Tensor) and autocast_cast(k_cache, ad) is not k_cache:
                 return _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale,
-                                      backend, ad)
+                                      backend, ad, cache_leftpad)
             k_new, v_new = (autocast_cast(t, ad) if isinstance(t, Tensor) else t for t in (k_new, v_new))
             return _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                           softmax_scale, backend)
+                                           softmax_scale, backend, cache_leftpad)
     return _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale,
-                                   backend)
+                                   backend, cache_leftpad)
 
 
-def _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, backend, dtype):
+def _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, backend, dtype,
+                   cache_leftpad=None):
     """Autocast with caches of another dtype (e.g. fp32 caches under bf16 autocast), as `k_cache[...] =
     k_new` then SDPA would run: k_new / v_new are written into the caches in the caches' dtype, and the
     attention reads the caches cast to `dtype` (a copy per call: allocate the caches in the autocast
@@ -669,32 +719,34 @@ def _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, sof
                         f"got {dtype_name(v_cache.dtype)}")
     kc, vc = k_cache.to(dtype), v_cache.to(dtype)                                  # (B, Lmax, H, D) copies
     _validate_kv(q, kc, vc, cache_seqlens, *(None if t is None else autocast_cast(t, dtype) for t in (k_new, v_new)),
-                 causal, softmax_scale)
+                 causal, softmax_scale, cache_leftpad)
     if k_new is not None:
         if needs_grad(q, k_cache, v_cache, k_new, v_new):
             raise RuntimeError(_FORWARD_ONLY)
-        cache_seqlens = vector_arg(cache_seqlens)
+        cache_seqlens, cache_leftpad = vector_arg(cache_seqlens), vector_arg(cache_leftpad)
         Lq = q.shape[1]
         if not torch.compiler.is_compiling():
-            _check_lengths(q, k_cache, cache_seqlens, Lq)
-        ok = _kv_write_ok(cache_seqlens, Lq, k_cache.shape[1])
+            _check_lengths(q, k_cache, cache_seqlens, Lq, cache_leftpad)
+        ok = _kv_write_ok(cache_seqlens, Lq, k_cache.shape[1], cache_leftpad)
         _kv_write(k_cache, v_cache, cache_seqlens, k_new, v_new, ok)
         _kv_write(kc, vc, cache_seqlens, k_new.to(k_cache.dtype), v_new.to(k_cache.dtype), ok)
         # the new rows are in the caches now: attend len + Lq keys; a bad row keeps NaN rows (length -1)
         cache_seqlens = torch.where(ok, cache_seqlens + Lq, -1).to(torch.int32)
-    return _attention_with_kvcache(q, kc, vc, cache_seqlens, None, None, causal, softmax_scale, backend)
+    return _attention_with_kvcache(q, kc, vc, cache_seqlens, None, None, causal, softmax_scale, backend,
+                                   cache_leftpad)
 
 
 _FORWARD_ONLY = ("attention_with_kvcache is forward-only (decoding): its inputs require grad; call it under "
                  "torch.no_grad() / torch.inference_mode(), or use fl.attention to train")
 
 
-def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, backend):
-    _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale)
+def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, backend,
+                            cache_leftpad=None):
+    _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, cache_leftpad)
     if needs_grad(q, k_cache, v_cache, k_new, v_new):
         raise RuntimeError(_FORWARD_ONLY)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    cache_seqlens = vector_arg(cache_seqlens)
+    cache_seqlens, cache_leftpad = vector_arg(cache_seqlens), vector_arg(cache_leftpad)
     q = _last_dim_contig(q)
     k_new = _last_dim_contig(k_new) if k_new is not None else None
     v_new = _last_dim_contig(v_new) if v_new is not None else None
@@ -704,13 +756,13 @@ def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, ca
         # over Lmax, a copy of both caches per step) measured 10x slower at B=8, Lmax=2048, len~1000.
         name = request_for_trace(backend)  # "" = automatic; resolved in the op on its real inputs
         return torch.ops.fastlayers.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                           scale, causal, name)
-    _check_lengths(q, k_cache, cache_seqlens, q.shape[1] if k_new is not None else 0)
+                                                           scale, causal, name, cache_leftpad)
+    _check_lengths(q, k_cache, cache_seqlens, q.shape[1] if k_new is not None else 0, cache_leftpad)
     name = _select_kv(backend, q, k_cache, v_cache, k_new, v_new)
     BACKENDS_KV.record(name)
     with device_guard(q):
         return BACKENDS_KV.module(name).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                               scale, causal)
+                                                               scale, causal, cache_leftpad=cache_leftpad)
 
 
 # ----------------------------------------------------------------------------- torch.compile path
@@ -787,15 +839,18 @@ _attention_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_co
 
 @torch.library.custom_op("fastlayers::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _attention_kv_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
-                     v_new: Optional[Tensor], softmax_scale: float, causal: bool, backend: str) -> Tensor:
+                     v_new: Optional[Tensor], softmax_scale: float, causal: bool, backend: str,
+                     cache_leftpad: Optional[Tensor] = None) -> Tensor:
     backend = resolve_in_op(backend, lambda b: _select_kv(b, q, k_cache, v_cache, k_new, v_new))
-    cache_seqlens = vector_arg(cache_seqlens)
-    _check_lengths(q, k_cache, cache_seqlens, q.shape[1] if k_new is not None else 0)  # real tensors here
+    cache_seqlens, cache_leftpad = vector_arg(cache_seqlens), vector_arg(cache_leftpad)
+    _check_lengths(q, k_cache, cache_seqlens, q.shape[1] if k_new is not None else 0,
+                   cache_leftpad)  # real tensors here
     with device_guard(q):
         return BACKENDS_KV.module(backend).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new,
-                                                                  v_new, softmax_scale, causal)
+                                                                  v_new, softmax_scale, causal,
+                                                                  cache_leftpad=cache_leftpad)
 
 
 @_attention_kv_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal, backend):
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal, backend, cache_leftpad=None):
     return q.new_empty(q.shape)
