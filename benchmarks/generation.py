@@ -45,10 +45,9 @@ import torch
 from .bert import _use_backend
 from .harness import Job, TOLERANCE
 from .impls import Config, backend_skip
+from .report import GEN_COMPILE_IMPL as COMPILE, GEN_REFERENCE_IMPL as REFERENCE
 
 MODEL_SEED = 0
-REFERENCE = "transformers generate"
-COMPILE = "torch.compile (transformers static cache)"
 # near-argmax check: allowed deficit of a chosen token, as a fraction of the step's max |logit|
 # (greedy), or of |mean log-probability| of the reference's beam (beam search); 2x the harness's
 # output tolerance for the dtype (bf16: a logit's rounding alone is 2^-8 relative, per layer)

@@ -27,6 +27,16 @@ GOAL_TIME_RATIO = 1.2     # CPU goal (issue 8): the torch backend within 1.2x of
 # Model goal (issue 9, H200 bf16): fastlayers' speed-up over transformers sdpa and over torch.compile of it
 MODEL_GOALS = {"min_speedup_vs_sdpa": 1.8, "min_speedup_vs_compile": 1.2}
 SDPA_IMPL, COMPILE_IMPL = "transformers sdpa", "torch.compile (transformers sdpa)"
+# Generation groups (gpt2, bart; benchmarks/generation.py): the reference row and the compiled baseline
+GENERATION_GROUPS = ("gpt2", "bart")
+GEN_REFERENCE_IMPL, GEN_COMPILE_IMPL = "transformers generate", "torch.compile (transformers static cache)"
+# Generation goals (issues 10 and 11, H200 bf16), judged on the fastlayers rows of one case each
+GENERATION_GOALS = {
+    "gpt2": {"case": {"model": "gpt2", "batch": 1, "search": "greedy"}, "variant": "decode",
+             "max_ms_per_token": 0.5, "min_speedup_vs_compile": 1.3},
+    "bart": {"case": {"model": "bart-base", "batch": 1, "search": "beam 4"}, "variant": "decode",
+             "min_speedup_vs_transformers": 3.0},
+}
 
 
 def default_out_dir() -> Path:
@@ -57,6 +67,10 @@ def case_label(group: str, case: dict) -> str:
         if group == "bert":
             shape = f"{c['model']} B{c['batch']} L{c['seqlen']}"
             return shape if c["lengths"] == "full" else f"{shape} lengths {c['lengths'].split()[-1]}"
+        if group == "gpt2":
+            return f"{c['model']} B{c['batch']} prompt {c['prompt']} +{c['new_tokens']}"
+        if group == "bart":
+            return f"{c['model']} {c['search']} B{c['batch']} in {c['prompt']} +{c['new_tokens']}"
     except KeyError:
         pass
     return " ".join(f"{k}={v}" for k, v in c.items())
@@ -130,6 +144,8 @@ def add_model_speedups(rows: list[dict], env: dict) -> None:
 
 
 def format_model_table(group: str, rows: list[dict]) -> str:
+    if group in GENERATION_GROUPS:
+        return format_generation_table(group, rows)
     head = ["case", "impl", "ran", "time ms", "seq/s", "vs eager", "vs sdpa", "vs compile", "error", "status"]
     body = []
     for r in rows:
@@ -147,6 +163,8 @@ def format_model_table(group: str, rows: list[dict]) -> str:
 def format_model_summary(group: str, rows: list[dict], env: dict) -> str:
     """One line per fastlayers row that ran: its speed-up over transformers sdpa and torch.compile,
     and on a GPU in bf16 the goal (MODEL_GOALS)."""
+    if group in GENERATION_GROUPS:
+        return format_generation_summary(group, rows, env)
     lines = []
     gpu_bf16 = env.get("device_type") == "cuda" and env.get("dtype") == "bfloat16"
     for r in rows:
@@ -168,6 +186,152 @@ def format_model_summary(group: str, rows: list[dict], env: dict) -> str:
                                                 else f"{env.get('dtype')}") + ")"
     return ("fastlayers speed-up (sequences/s over the baseline's, same inputs, same weights); " + goal + "\n"
             + ("\n".join(lines) if lines else "  no fastlayers row ran"))
+
+
+def add_model_metrics(group: str, rows: list[dict], env: dict, peaks: dict | None = None) -> None:
+    """A model group's derived fields: bert's speed-ups (add_model_speedups), or a generation group's
+    rates, speed-ups and time split (add_generation_metrics)."""
+    if group in GENERATION_GROUPS:
+        add_generation_metrics(group, rows, env, peaks)
+    else:
+        add_model_speedups(rows, env)
+
+
+def _new_tokens(r: dict) -> int:
+    return int(r["case"].get("new_tokens") or 1)
+
+
+def add_generation_metrics(group: str, rows: list[dict], env: dict, peaks: dict | None = None) -> None:
+    """Generation rows (gpt2, bart): "rate" in the row's unit (ms/token: the call's time / new tokens;
+    tok/s: work / time), "speedup_vs_compile" (over the compiled static-cache row of the same case, a
+    quotient of time ratios to the reference as in add_model_speedups; "speedup_vs_eager" is already
+    over transformers generate), "time_split" for rows whose check profiled a decode call (GPU):
+    wall ms per step (the timed call / new tokens) = GPU busy + idle, beside the weights'
+    bandwidth floor (weight bytes / the measured copy bandwidth), and on a GPU in bf16 the goal of the
+    group's goal case (GENERATION_GOALS) on its fastlayers rows."""
+    by_case: dict = {}
+    for r in rows:
+        by_case.setdefault((r["variant"], tuple(sorted(r["case"].items()))), {})[r["impl"]] = r
+    bandwidth = (peaks or {}).get("copy_bandwidth_gbs")
+    gpu_bf16 = env.get("device_type") == "cuda" and env.get("dtype") == "bfloat16"
+    goal = GENERATION_GOALS.get(group)
+    for impls in by_case.values():
+        comp = impls.get(GEN_COMPILE_IMPL)
+        for r in impls.values():
+            ok = r["status"] == "ok" and r.get("time_ms")
+            if ok and r["unit"] == "ms/token":
+                r["rate"] = r["time_ms"] / _new_tokens(r)
+            elif ok and r["unit"] == "tok/s":
+                r["rate"] = r["work"] / (r["time_ms"] * 1e-3)
+            mine, theirs = r.get("time_ratio_vs_eager"), (comp or {}).get("time_ratio_vs_eager")
+            r["speedup_vs_compile"] = (theirs / mine if ok and comp is not None and comp["status"] == "ok"
+                                       and mine and theirs else None)
+            gen = r.get("generation") or {}
+            if ok and gen.get("gpu_busy_ms_per_step") is not None:
+                wall = r["time_ms"] / _new_tokens(r)
+                busy = gen["gpu_busy_ms_per_step"]
+                floor = (gen["weight_bytes"] / (bandwidth * 1e9) * 1e3) if bandwidth and gen.get("weight_bytes") else None
+                r["time_split"] = {"wall_ms_per_step": wall, "gpu_busy_ms_per_step": busy,
+                                   "idle_ms_per_step": max(0.0, wall - busy), "weights_floor_ms_per_step": floor}
+            if gpu_bf16 and goal and r["impl"].startswith("fastlayers") and r["variant"] == goal["variant"] \
+                    and all(r["case"].get(k) == v for k, v in goal["case"].items()):
+                r["goal"] = _generation_goal(goal, r)
+
+
+def _generation_goal(goal: dict, r: dict) -> dict:
+    """{the goal's thresholds, "met": True / False, or None when a figure it needs is missing}."""
+    checks = []
+    if "max_ms_per_token" in goal:
+        checks.append(r["rate"] <= goal["max_ms_per_token"] if r["status"] == "ok" and r.get("rate") else None)
+    if "min_speedup_vs_compile" in goal:
+        v = r.get("speedup_vs_compile")
+        checks.append(None if v is None else v >= goal["min_speedup_vs_compile"])
+    if "min_speedup_vs_transformers" in goal:
+        v = r.get("speedup_vs_eager") if r["status"] == "ok" else None
+        checks.append(None if v is None else v >= goal["min_speedup_vs_transformers"])
+    met = False if False in checks else (None if None in checks else True)
+    return dict({k: v for k, v in goal.items() if k not in ("case", "variant")}, met=met)
+
+
+def _check_cell(r: dict) -> str:
+    """What a generation row's ids check found (generation.IdsCheck), in a few characters."""
+    g = r.get("generation") or {}
+    if r.get("reference") and r.get("baseline") == "(this row)":
+        return "base" if "max_deficit" not in g else f"base (dev {g['max_deficit']:.2f})"
+    if "check" not in g or "failed" not in g:
+        return "-"
+    if g.get("wrong_shape"):
+        return "wrong length"
+    div = g.get("first_divergence")
+    where = "" if div is None else f", ids differ from {div}"
+    if g["check"] == "exact ids":
+        return "ids equal" if not g["failed"] else f"{g['failed']}/{g['compared']} differ{where}"
+    if g["check"] == "beam score":
+        return f"{g['failed']}/{g['compared']} worse" + (f" (short {g['max_score_shortfall']:.3f}{where})"
+                                                        if "max_score_shortfall" in g else "")
+    return f"{g['failed']}/{g['compared']} off (dev {g.get('max_deficit', float('nan')):.2f}{where})"
+
+
+def format_generation_table(group: str, rows: list[dict]) -> str:
+    head = ["variant", "case", "impl", "ran", "time ms", "rate", "unit", "vs transformers", "vs compile", "check",
+            "status"]
+    body = []
+    for r in rows:
+        ok = r["status"] == "ok"
+
+        def x(key):
+            return f"{r[key]:.2f}x" if ok and r.get(key) is not None else "-"
+        body.append([r["variant"], case_label(group, r["case"]), r["impl"], r.get("backend_ran") or "",
+                     _fmt(r["time_ms"], ".4g") if ok else "-", _fmt(r.get("rate"), ".4g") if ok else "-", r["unit"],
+                     x("speedup_vs_eager"), x("speedup_vs_compile"), _check_cell(r),
+                     r["status"] if len(r["status"]) <= 100 else r["status"][:97] + "..."])
+    return _align(head, body, right={4, 5, 7, 8}, breaks=[(b[0], b[1]) for b in body])
+
+
+def format_generation_summary(group: str, rows: list[dict], env: dict) -> str:
+    """Per fastlayers row that ran: speed-ups over transformers generate and its compiled static-cache
+    path, the goal where judged, and (GPU) where a decode step's time goes."""
+    gpu_bf16 = env.get("device_type") == "cuda" and env.get("dtype") == "bfloat16"
+    goal = GENERATION_GOALS.get(group, {})
+    lines, split = [], []
+    for r in rows:
+        if not r["impl"].startswith("fastlayers") or r["status"] != "ok":
+            continue
+        parts = [f"{r['speedup_vs_eager']:.2f}x transformers generate" if r.get("speedup_vs_eager") else
+                 "transformers generate did not run",
+                 f"{r['speedup_vs_compile']:.2f}x its compiled static cache" if r.get("speedup_vs_compile") else
+                 "compiled static cache did not run"]
+        if r["unit"] == "ms/token":
+            parts.insert(0, f"{r['rate']:.3f} ms/token")
+        line = f"  {r['variant']} {case_label(group, r['case'])}  {r['impl']}: {', '.join(parts)}"
+        if r.get("goal"):
+            met = r["goal"]["met"]
+            line += "  goal " + ("met" if met else "MISSED" if met is False else "not measured")
+        lines.append(line)
+        t = r.get("time_split")
+        if t:
+            floor = t["weights_floor_ms_per_step"]
+            split.append(f"  {case_label(group, r['case'])}  {r['impl']}: {t['wall_ms_per_step']:.3f} ms/step = "
+                         f"{t['gpu_busy_ms_per_step']:.3f} GPU busy + {t['idle_ms_per_step']:.3f} idle"
+                         + (f"; weights' bandwidth floor {floor:.3f}" if floor is not None else ""))
+    text = []
+    if group == "gpt2":
+        text.append(f"goal on a GPU in bf16 (issue 10, H200): gpt2 batch 1 <= {goal.get('max_ms_per_token')} ms/token "
+                    f"and >= {goal.get('min_speedup_vs_compile')}x transformers' compiled static cache")
+    elif group == "bart":
+        text.append(f"goal on a GPU in bf16 (issue 11, H200): bart-base beam 4 batch 1 >= "
+                    f"{goal.get('min_speedup_vs_transformers')}x transformers generate")
+    if text and not gpu_bf16:
+        text[0] += " (not judged on this run: " + ("CPU figures" if env.get("device_type") != "cuda"
+                                                   else f"{env.get('dtype')}") + ")"
+    out = ["fastlayers against transformers (same weights, same inputs, every token generated)"
+           + (f"; {text[0]}" if text else "")]
+    out += lines or ["  no fastlayers row ran"]
+    if split:
+        out.append("where a decode step's time goes (torch.profiler kernel time of one generate call; idle = "
+                   "timed wall - busy: launch and host overhead):")
+        out += split
+    return "\n".join(out)
 
 
 def _align(head, body, right, breaks=None) -> str:
@@ -265,12 +429,12 @@ def write_plot(out_dir: Path, group: str, env: dict, rows: list[dict], slug: str
     except Exception as e:
         return f"matplotlib not importable ({type(e).__name__}): no plot for {group} (pip install matplotlib)"
     ok = [r for r in rows if r["status"] == "ok" and r["rate"] is not None]
-    variants = list(dict.fromkeys(r["variant"] for r in ok))
-    if not variants:
+    panels = list(dict.fromkeys((r["variant"], r["unit"]) for r in ok))    # one unit per panel's axis
+    if not panels:
         return f"no successful rows in {group}: no plot"
-    fig, axes = plt.subplots(len(variants), 1, figsize=(12, 3.6 * len(variants)), squeeze=False)
-    for ax, variant in zip(axes[:, 0], variants):
-        vrows = [r for r in ok if r["variant"] == variant]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
+    for ax, (variant, unit) in zip(axes[:, 0], panels):
+        vrows = [r for r in ok if r["variant"] == variant and r["unit"] == unit]
         cases = list(dict.fromkeys(case_label(group, r["case"]) for r in vrows))
         impls = list(dict.fromkeys(r["impl"] for r in vrows))
         width = 0.8 / max(1, len(impls))

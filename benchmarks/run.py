@@ -1,10 +1,14 @@
 """`fastlayers bench`: measures the card's peaks, then every selected op group and model, then prints a
 table per group and writes its JSON (and PNG).
 What runs: `--ops` picks op groups (norm, attention, linear), `--models` picks models (bert: the
-encoder's sequences/s against transformers eager, sdpa and torch.compile; see bert.py). Each takes
-a comma-separated list, "all" or "none". Neither flag: every op group and every model. Only one of
-them: just what it names (`--ops norm` measures norm alone, `--models bert` BERT alone). Both: each as
-given (`--ops none --models bert` = `--models bert`).
+encoder's sequences/s against transformers eager, sdpa and torch.compile; see bert.py. gpt2 and
+bart: generate -- decode latency and throughput, prefill, beam search -- against transformers
+generate and its compiled static-cache path; see gpt2.py, bart.py, generation.py). Each takes a
+comma-separated list, "all" or "none". Neither flag: every op group and the DEFAULT_MODELS (bert):
+gpt2 and bart run when named or with --models all, because they are slow to measure (on a GPU,
+transformers' compile of generate costs ~1 min per batch shape; on a CPU each group adds ~30 s with
+--quick and minutes without). Only one flag: just what it names (`--ops norm` measures norm alone,
+`--models gpt2` GPT-2 alone). Both: each as given (`--ops none --models bert` = `--models bert`).
 torch.compile rows run last, after every group's other rows, and each group's JSON is already
 written before them, so a run cut short (--max-seconds, a kill) keeps what it measured.
 Every row is checked against its baseline's result on the same inputs before it is timed (see
@@ -26,14 +30,15 @@ from pathlib import Path
 
 import torch
 
-from . import attention, bert, linear, norm, report
+from . import attention, bart, bert, gpt2, linear, norm, report
 from .report import default_out_dir
 from .harness import TOLERANCE, Progress, Runner, card_slug, environment, measure_peaks, run_jobs, short_message, \
     tolerance
 from .impls import DTYPES, Config
 
 OP_GROUPS = {"norm": norm, "attention": attention, "linear": linear}
-MODEL_GROUPS = {"bert": bert}
+MODEL_GROUPS = {"bert": bert, "gpt2": gpt2, "bart": bart}
+DEFAULT_MODELS = ("bert",)          # neither flag given: every op group and these (run.__doc__ says why)
 GROUPS = {**OP_GROUPS, **MODEL_GROUPS}
 
 
@@ -42,9 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="op groups: comma-separated among norm, attention, linear, or 'all' / 'none' "
                         "(default: all when --models is not given either, else none)")
     p.add_argument("--models", default=None, metavar="LIST",
-                   help="models: comma-separated among bert, or 'all' / 'none' (default: all when --ops is "
-                        "not given either, else none); bert: encoder sequences/s of fastlayers.models.BertModel "
-                        "against transformers eager, sdpa and torch.compile, same random weights")
+                   help="models: comma-separated among bert, gpt2, bart, or 'all' / 'none' (default: bert when "
+                        "--ops is not given either, else none); bert: encoder sequences/s of "
+                        "fastlayers.models.BertModel against transformers eager, sdpa and torch.compile; gpt2, bart: "
+                        "generate (decode ms/token and tokens/s, prefill, beam search) against transformers generate "
+                        "and its static cache + torch.compile; same random weights")
     p.add_argument("--quick", action="store_true",
                    help="a reduced shape set (a few minutes on one H100, seconds on a CPU; no max-autotune compiles)")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -80,10 +87,10 @@ def _parse_list(text: str, allowed, what: str, keywords: bool = False) -> list[s
 
 
 def selected_groups(ops: str | None, models: str | None) -> list[str]:
-    """The groups to run, op groups first (in GROUPS order). Neither flag: all; one flag: only what
-    it names; both: each as given. Nothing selected is an error."""
+    """The groups to run, op groups first (in GROUPS order). Neither flag: every op group and the
+    DEFAULT_MODELS; one flag: only what it names; both: each as given. Nothing selected is an error."""
     if ops is None and models is None:
-        ops = models = "all"
+        ops, models = "all", ",".join(DEFAULT_MODELS)
     chosen = (_parse_list("none" if ops is None else ops, list(OP_GROUPS), "--ops", keywords=True)
               + _parse_list("none" if models is None else models, list(MODEL_GROUPS), "--models", keywords=True))
     if not chosen:
@@ -174,7 +181,7 @@ def _run(args, argv, groups, gpu, device, cfg) -> int:
             pending = _placeholder_rows(phases[g][1], "skipped: pending (torch.compile rows run last)")
             rows = _table_order(rows_by_group[g] + pending)
             if g in MODEL_GROUPS:
-                report.add_model_speedups(rows, env)
+                report.add_model_metrics(g, rows, env, peaks)
             report.write_json(out_dir, g, env, peaks, rows, slug, tolerances)
     for g in groups:
         rows_by_group[g] += run_jobs(runner, phases[g][1], progress)
@@ -183,7 +190,7 @@ def _run(args, argv, groups, gpu, device, cfg) -> int:
         rows = rows_by_group[g] = _table_order(rows_by_group[g])
         print(f"\n== {g} ({env['card']}, {env['dtype']}) ==", flush=True)
         if g in MODEL_GROUPS:
-            report.add_model_speedups(rows, env)
+            report.add_model_metrics(g, rows, env, peaks)
             print(report.format_model_table(g, rows), flush=True)
             print(report.format_model_summary(g, rows, env), flush=True)
         else:

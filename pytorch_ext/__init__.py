@@ -9,6 +9,8 @@ and Triton, with a plain-PyTorch reference backend.
                               cache_leftpad=None, causal=True, softmax_scale=None, backend=None)
     fl.linear(x, weight, bias=None, *, activation=None, residual=None, backend=None)
     fl.available_backends(); fl.last_backend(op); with fl.use_backend("triton"): ...
+    fl.patch(hf_model, *, strict=True, backend=None) / fl.unpatch(hf_model): fastlayers inside a
+        transformers BERT / RoBERTa / GPT-2 / BART model, in place (pytorch_ext/patch.py)
 
 Importing fastlayers touches no GPU and loads no library; backends load on first use.
 """
@@ -20,6 +22,7 @@ from .backends import (BACKENDS, BackendUnavailableError, available_backends, la
 from .ops.attention import attention, attention_with_kvcache  # noqa: E402
 from .ops.layer_norm import layer_norm  # noqa: E402
 from .ops.linear import linear  # noqa: E402
+from .patch import patch, unpatch  # noqa: E402  (transformers is imported only when a model is patched)
 
 __all__ = ["layer_norm", "attention", "attention_with_kvcache", "linear", "available_backends", "last_backend", "use_backend", "BackendUnavailableError",
-           "BACKENDS", "nn", "__version__"]
+           "BACKENDS", "nn", "patch", "unpatch", "__version__"]

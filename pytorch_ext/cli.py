@@ -20,6 +20,15 @@
   fastlayers run summarization --model DIR [--num-beams B] [--max-new-tokens N] < documents.txt
                                                      one document a line -> {"summary_text"} JSON lines
                                                      (text2text-generation: {"generated_text"})
+  fastlayers finetune text-classification [--model minilm] [--data FILE.jsonl|tsv] [--epochs N] [--lr LR]
+                 [--batch-size B] [--max-length L] [--out DIR] [--device D] [--dtype bf16|fp32] [--seed S]
+                                                     fine-tune a sequence classifier (default: MiniLM on
+                                                     the shipped sentiment set), held-out accuracy vs the
+                                                     majority class; OUT loads in transformers and in
+                                                     `fastlayers run text-classification --model OUT`
+  fastlayers finetune causal-lm --model DIR --data FILE.txt [--block-size N] [--out DIR] ...
+                                                     fine-tune GPT-2 on text; held-out loss / perplexity
+                                                     before and after (fastlayers.models.finetune)
 `python -m fastlayers.cli ...` is the same command (benchmarks/gpu_check.sh uses it: no PATH assumptions).
 """
 from __future__ import annotations
@@ -39,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="available backends, CUDA library build info, versions")
     # listed for --help only: main() parses `run` with its own parser (see there)
     sub.add_parser("run", help="run a model-zoo pipeline on text, JSON lines out (fastlayers run -h)")
+    _add_finetune_arguments(sub.add_parser(
+        "finetune", help="fine-tune a model-zoo checkpoint on local data (fastlayers finetune TASK -h)",
+        description="fine-tune a model-zoo checkpoint on local data (nothing is downloaded)"))
     return p
 
 
@@ -207,6 +219,82 @@ def _print_generated_text(pipe, prompt: str) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- finetune
+def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    """`finetune TASK` options; defaults are those of the fastlayers.models.finetune functions."""
+    import inspect
+
+    from fastlayers.models.finetune import SENTIMENT_DATA, finetune_causal_lm, finetune_text_classification
+    tasks = p.add_subparsers(dest="finetune_task", required=True, metavar="TASK")
+    tc = tasks.add_parser("text-classification", help="a sequence classifier on labelled texts (held-out accuracy)",
+                          description="fine-tune a sequence classifier (new head, labels from the data); reports "
+                                      "held-out accuracy next to the majority-class baseline")
+    lm = tasks.add_parser("causal-lm", help="a causal LM (GPT-2) on a text file (held-out loss, perplexity)",
+                          description="fine-tune a causal LM (GPT-2) on a text file cut into blocks; reports held-out "
+                                      "loss and perplexity before and after")
+    for task, fn in ((tc, finetune_text_classification), (lm, finetune_causal_lm)):
+        d = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+        if fn is finetune_text_classification:
+            task.add_argument("--model", default=d["model"], help=f"a local model folder, or 'minilm' (default "
+                              f"{d['model']}): the body; the classification head is new")
+            task.add_argument("--data", default=None, help="labelled texts: .jsonl ({\"text\", \"label\"} a line) or "
+                              f".tsv (text<TAB>label a line). Default: the shipped sentiment set ({SENTIMENT_DATA.name}:"
+                              " 360 review sentences, positive / negative)")
+            task.add_argument("--max-length", type=int, default=d["max_length"],
+                              help=f"tokens per text, longer ones truncated (default {d['max_length']})")
+        else:
+            task.add_argument("--model", required=True, help="a local GPT-2 folder (config.json, weights, tokenizer.json)")
+            task.add_argument("--data", required=True, help="a UTF-8 text file")
+            task.add_argument("--block-size", type=int, default=None,
+                              help="tokens per training row (default: min(128, the model's positions))")
+        task.add_argument("--epochs", type=int, default=d["epochs"], help=f"default {d['epochs']}")
+        task.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']:g})")
+        task.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"default {d['batch_size']}")
+        task.add_argument("--eval-fraction", type=float, default=d["eval_fraction"],
+                          help=f"share held out for evaluation (default {d['eval_fraction']:g})")
+        task.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"],
+                          help=f"share of the steps warming the learning rate up (default {d['warmup_ratio']:g})")
+        task.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                          help=f"AdamW weight decay on matrices (default {d['weight_decay']:g})")
+        task.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"],
+                          help=f"gradient-norm clipping, 0 = off (default {d['max_grad_norm']:g})")
+        task.add_argument("--out", default=None, help="save the fine-tuned model here (save_pretrained + tokenizer "
+                          "files + finetune_results.json); default: not saved")
+        task.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+        task.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when there is a GPU)")
+        task.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                          help="bf16: autocast (weights stay float32); default bf16 on CUDA, fp32 on CPU")
+        task.add_argument("--seed", type=int, default=d["seed"], help=f"split, shuffling, head init, dropout "
+                          f"(default {d['seed']})")
+        task.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        task.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                          help="progress bar on stderr: auto = when stderr is a terminal")
+
+
+def run_finetune(args) -> int:
+    """`fastlayers finetune TASK`: progress on stderr, results on stdout; 2 on a bad argument."""
+    import torch
+
+    from fastlayers.models.finetune import finetune_causal_lm, finetune_text_classification
+    kwargs = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, eval_fraction=args.eval_fraction,
+                  warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                  out=args.out, overwrite=args.overwrite, device=args.device, dtype=args.dtype, seed=args.seed,
+                  progress={"auto": None, "always": True, "never": False}[args.progress])
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads: expected a positive int, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        if args.finetune_task == "text-classification":
+            finetune_text_classification(args.model, args.data, max_length=args.max_length, **kwargs)
+        else:
+            finetune_causal_lm(args.model, args.data, block_size=args.block_size, **kwargs)
+    except (ValueError, FileNotFoundError) as e:    # FinetuneError, ConfigError, TokenizerError, a bad --model
+        print(f"fastlayers finetune {args.finetune_task}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def info() -> int:
     import torch
 
@@ -260,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "finetune":
+        return run_finetune(args)
     from fastlayers.bench import run
     return run.main(args, ["fastlayers", *argv])
 
