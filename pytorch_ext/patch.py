@@ -7,8 +7,9 @@ What it guarantees, and how (transformers' own extension points; no upstream for
     attention_mask=None and padding is silently ignored). The mask function returns a (B, Lk) bool
     key-padding vector (True = attend) or None -- never a 4-D mask -- whenever the pattern is
     causal or bidirectional attention plus padding; the causal part comes from module.is_causal,
-    bottom-right aligned as fl.attention's (exact for DynamicCache decoding, where q_offset =
-    Lk - Lq). Anything else (packed sequences, sliding windows, custom mask functions, a user's
+    bottom-right aligned as fl.attention's (exact without a cache and with DynamicCache, where
+    q_offset = Lk - Lq; a StaticCache's empty slots are folded into the padding when decoding and
+    cut off -- a shorter mask, the keys sliced to it -- in its prefill). Anything else (packed sequences, sliding windows, custom mask functions, a user's
     4-D mask, grouped-query heads, softcap...) runs transformers' own sdpa for that call, and is
     counted (attention_stats()) and logged once per reason: never silently wrong.
   - norms and MLPs: module instances swapped from a small table per family (below); the new
@@ -63,7 +64,8 @@ FAMILIES = (
     _Family("RoBERTa", "roberta", {"RobertaIntermediate": ("dense", "intermediate_act_fn")},
             {"RobertaOutput": ("dense",)}),
     _Family("GPT-2", "gpt2", {"GPT2MLP": ("c_fc", "act")}, {"GPT2MLP": ("c_proj",)}),
-    _Family("BART", "bart", {"BartEncoderLayer": ("fc1", "activation_fn"), "BartDecoderLayer": ("fc1", "activation_fn")},
+    _Family("BART", "bart",
+            {"BartEncoderLayer": ("fc1", "activation_fn"), "BartDecoderLayer": ("fc1", "activation_fn")},
             {"BartEncoderLayer": ("fc2",), "BartDecoderLayer": ("fc2",)}),
 )
 
@@ -158,23 +160,25 @@ def _key_padding(batch_size, q_length, kv_length, q_offset, kv_offset, mask_func
     return pad, None
 
 
-def fastlayers_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
-                    attention_mask: Optional[Tensor] = None, config=None, **kwargs):
-    """The AttentionMaskInterface entry: a (B, Lk) bool key-padding mask (True = attend) or None, else
-    (counted, logged) the 4-D bool mask transformers' sdpa would get."""
+def fastlayers_mask(**kw):
+    """The AttentionMaskInterface entry (transformers calls it with keywords only): a (B, Lk) bool
+    key-padding mask (True = attend) or None; else (counted, logged) the 4-D bool mask transformers'
+    sdpa would get. Takes both mask APIs: (q_length, q_offset) since transformers 5.x, and the
+    cache_position (the query positions) that transformers 5.0 passed instead."""
     from transformers import masking_utils as mu
-    if mask_function is None:
-        mask_function = mu.causal_mask_function
-    device = torch.device(kwargs.get("device", "cpu"))
-    mask, reason = _key_padding(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                                attention_mask, config, device)
+    if "q_length" in kw:
+        q_length, q_offset = kw["q_length"], kw.get("q_offset", 0)
+    else:
+        pos = kw["cache_position"]                                                  # (Lq,) absolute positions
+        q_length, q_offset = pos.shape[0], (pos[0] if pos.shape[0] else 0)
+    mask_function = kw.get("mask_function", mu.causal_mask_function)
+    device = torch.device(kw.get("device", kw["cache_position"].device if "cache_position" in kw else "cpu"))
+    mask, reason = _key_padding(kw["batch_size"], q_length, kw["kv_length"], q_offset, kw.get("kv_offset", 0),
+                                mask_function, kw.get("attention_mask"), kw.get("config"), device)
     if reason is None:
         return mask
     _note(f"mask: {reason}")
-    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)  # always explicit: never None
-    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                        config=config, **kwargs)
+    return mu.sdpa_mask(**{**kw, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})  # never None
 
 
 # ----------------------------------------------------------------------------- attention: the function
@@ -313,14 +317,14 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 
 def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     """new takes old's parameters (the same objects), hooks (the same dicts), mode and extra attributes
-    (e.g. transformers' _is_hf_initialized)."""
+    (public ones, and transformers' _is_hf_initialized)."""
     for name, p in old._parameters.items():
         setattr(new, name, p)
     for name in _HOOK_DICTS:
         if name in old.__dict__:
             object.__setattr__(new, name, old.__dict__[name])
-    for k, v in old.__dict__.items():
-        if k not in new.__dict__:
+    for k, v in old.__dict__.items():  # a user's attributes; never a private one such as _compiled_call_impl
+        if k not in new.__dict__ and (not k.startswith("_") or k == "_is_hf_initialized"):
             new.__dict__[k] = v
     new.train(old.training)
     return new
@@ -400,6 +404,20 @@ class _State:
     backend: Optional[str]
 
 
+# The oldest transformers whose BERT / RoBERTa / GPT-2 / BART select attention through AttentionInterface
+# and build masks through AttentionMaskInterface (4.57 still prepares its own 4-D SDPA masks). Tested
+# with 5.0.0, 5.17.0 and 5.24.0.
+MIN_TRANSFORMERS = "5.0.0"
+
+
+def _check_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise RuntimeError(f"fl.patch needs transformers >= {MIN_TRANSFORMERS} (its models' attention and mask "
+                           f"interfaces); found {transformers.__version__}")
+
+
 def _family(model) -> Optional[_Family]:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     for f in FAMILIES:
@@ -461,8 +479,9 @@ def _plan(model, family, strict, backend, report) -> list:
                 add(path, parent, lin, lm, functools.partial(_fast_linear, lm, None, backend),
                     f"{type(lm).__name__} -> fastlayers {type(lm).__name__}")
                 continue
+            kind = type(lm).__name__
             add(path, parent, lin, lm, functools.partial(_fast_linear, lm, activation, backend),
-                f"{type(lm).__name__} + {type(am).__name__} -> fastlayers {type(lm).__name__}(activation={activation!r})")
+                f"{kind} + {type(am).__name__} -> fastlayers {kind}(activation={activation!r})")
             add(pre + act, parent, act, am, nn.Identity, f"{type(am).__name__} -> Identity (fused)")
         for lin in plain:
             lm = parent._modules.get(lin)
@@ -488,6 +507,7 @@ def patch(model: nn.Module, *, strict: bool = True, backend: Optional[str] = Non
     What changed: model.fastlayers_patch_report (also logged at INFO). Undo with fl.unpatch(model)."""
     if backend not in ATTN_NAMES:
         raise ValueError(f"backend: expected one of {tuple(BACKENDS)} or None, got {backend!r}")
+    _check_transformers()
     if getattr(model, "_fastlayers_patch", None) is not None:
         raise ValueError("fl.patch: this model is already patched (fl.unpatch(model) first)")
     family = _family(model)

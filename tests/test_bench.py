@@ -798,9 +798,9 @@ def test_bench_ops_and_models_flags():
     assert sel(None, None) == ["norm", "attention", "linear", "bert"]           # the default: everything
     assert sel("norm", None) == ["norm"] and sel(None, "bert") == ["bert"]      # one flag: only what it names
     assert sel("none", "bert") == ["bert"] and sel("all", "none") == ["norm", "attention", "linear"]
-    assert sel("linear,norm", "all") == ["norm", "linear", "bert"]
+    assert sel("linear,norm", "all") == ["norm", "linear", "bert", "gpt2", "bart"]
     for ops, models, msg in (("none", "none", "nothing to measure"), ("bert", None, "--ops must be"),
-                             (None, "gpt2", "--models must be"), ("norm,all", None, "--ops must be"),
+                             (None, "t5", "--models must be"), ("norm,all", None, "--ops must be"),
                              ("norm,norm", None, "--ops must be"), (None, "", "--models must be")):
         with pytest.raises(SystemExit, match=msg):
             sel(ops, models)
@@ -832,3 +832,215 @@ def test_model_speedups_and_goal():
     report.add_model_speedups(rows, {"device_type": "cpu", "dtype": "float32"})
     assert rows[2]["speedup_vs_compile"] is None and "goal" not in rows[2]
     assert "torch.compile did not run" in report.format_model_summary("bert", rows, {"device_type": "cpu"})
+
+
+# ---------------------------------------------------------------------------------------------
+# the generation groups (gpt2, bart): fastlayers generate against transformers generate, same weights
+
+from fastlayers.bench import bart as bart_bench, generation, gpt2 as gpt2_bench  # noqa: E402
+from fastlayers.bench.generation import Case  # noqa: E402
+
+GPT2_TEST = dict(gpt2_bench.GPT2, n_embd=16, n_layer=2, n_head=2, n_positions=64)
+BART_TEST = dict(bart_bench.BART_BASE, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                 decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+GPT2_CASES = [Case("gpt2-test", 1, 8, 5, "decode"), Case("gpt2-test", 2, 8, 4, "decode"),
+              Case("gpt2-test", 2, 16, 1, "prefill")]
+BART_CASES = [Case("bart-test", 1, 8, 4, "decode", beams=4), Case("bart-test", 2, 8, 4, "decode")]
+GEN_IMPLS = ["transformers generate", "fastlayers[torch]", "torch.compile (transformers static cache)"]
+
+
+def _tiny_generation(mp):
+    """Tiny configs (the real vocabularies, so eos / pad / specials are the real ids): seconds, not minutes."""
+    mp.setattr(gpt2_bench, "setup", lambda cfg: [("gpt2-test", GPT2_TEST, list(GPT2_CASES))])
+    mp.setattr(bart_bench, "setup", lambda cfg: [("bart-test", BART_TEST, list(BART_CASES))])
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-gen")
+    with pytest.MonkeyPatch.context() as mp:
+        _tiny_generation(mp)
+        rc, stdout = _cli(["bench", "--models", "gpt2,bart", "--device", "cpu", "--quick", "--no-plot",
+                           "--out", str(out)])
+    return rc, stdout, out
+
+
+@pytest.mark.parametrize("group, cases", [("gpt2", GPT2_CASES), ("bart", BART_CASES)])
+def test_cli_bench_generation_rows(gen_run, group, cases):
+    """Per case: transformers generate (the reference), fastlayers[torch] (proven on attention, the
+    decode op, linear and layer_norm) with exactly the reference's ids (CPU float32), and the compiled
+    static-cache row skipped on CPU; rates in the row's unit; exactly the asked tokens generated."""
+    rc, stdout, out = gen_run
+    assert rc == 0, stdout
+    doc = json.loads((out / f"{group}-latest.json").read_text())
+    assert doc["group"] == group and ENV_KEYS <= set(doc["env"])
+    assert doc["backends_ran"] == {"fastlayers[torch]": ["torch"]}
+    rows = doc["rows"]
+    for case in cases:
+        by = {r["impl"]: r for r in rows if r["case"] == case.as_dict()}
+        assert list(by) == GEN_IMPLS, (case, list(by))
+        ref, ours, comp = by.values()
+        assert ref["reference"] and ref["status"] == "ok" and ref["error"] == 0.0 and ref["speedup_vs_eager"] == 1.0
+        assert ref["generation"]["failed"] == 0 and ref["generate_kwargs"]["min_new_tokens"] == case.new_tokens
+        assert ours["status"] == "ok" and ours["error"] == 0.0 and ours["baseline"] == "transformers generate", ours
+        start = 1 if group == "bart" else case.prompt
+        gen = ours["generation"]
+        assert gen["check"] == "exact ids" and gen["failed"] == 0 and gen["first_divergence"] is None
+        assert gen["equal_tokens"] == gen["compared"] == case.batch * case.new_tokens
+        assert gen["shape"] == [case.batch, start + case.new_tokens]
+        assert ours["backend_ran"] == "torch" and set(ours["backends_ran_by_op"].values()) == {"torch"}
+        decode_op = case.kind == "decode" or group == "bart"
+        assert ("attention_with_kvcache" in ours["backends_ran_by_op"]) == decode_op
+        for r in (ref, ours):
+            assert r["variant"] == case.kind and r["model_config"]["name"].endswith("-test")
+            if r["unit"] == "ms/token":
+                assert case.batch == 1 and case.kind == "decode"
+                assert r["rate"] == pytest.approx(r["time_ms"] / case.new_tokens)
+            else:
+                assert r["unit"] == "tok/s"
+                assert r["work"] == case.batch * (case.prompt if case.kind == "prefill" else case.new_tokens)
+                assert r["rate"] == pytest.approx(r["work"] / (r["time_ms"] * 1e-3))
+            assert r["speedup_vs_compile"] is None
+        assert comp["status"].startswith("skipped: CPU run") and all(comp[k] is None for k in SPEED_KEYS)
+    assert f"== {group}" in stdout and "ids equal" in stdout and "x transformers generate" in stdout
+
+
+def test_readme_table_from_generation_json(gen_run, capsys):
+    _, _, out = gen_run
+    assert readme_table.main([str(out / "gpt2-latest.json"), str(out / "bart-latest.json"), "--include-cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "### GPT-2 generate" in text and "### BART generate" in text
+    cells = r"\| [0-9.]+ \| [0-9.]+ \([0-9.]+x\) \|"         # transformers, then fastlayers with its speed-up
+    assert re.search(r"\| decode \| gpt2-test B1 prompt 8 \+5 \| ms/token " + cells, text), text
+    assert re.search(r"\| decode \| bart-test beam 4 B1 in 8 \+4 \| tok/s " + cells, text), text
+    assert "gpt2-test (vocab 50257, n_embd 16, 2 layers, 2 heads" in text
+
+
+def _perturbed(group, how):
+    """A fastlayers loader whose model differs from the weights both libraries were given."""
+    mod = gpt2_bench if group == "gpt2" else bart_bench
+    real = mod.fastlayers_loader
+
+    def load(folder, dtype, device):
+        model = real(folder, dtype, device)
+        with torch.no_grad():
+            if how == "weights":    # a sign error in the last norm: the logits' order reversed
+                norm = model.transformer.ln_f if group == "gpt2" else model.model.decoder.layers[-1].final_layer_norm
+                norm.weight.neg_()
+            else:               # "stops early": one token short, as a model ignoring min_new_tokens would be
+                generate = model.generate
+                model.generate = lambda *a, **k: generate(*a, **k)[:, :-1]
+        return model
+    return mod, load
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-exact", "bf16-near"])
+@pytest.mark.parametrize("group", ["gpt2", "bart"])
+def test_generation_check_catches_a_broken_model(monkeypatch, one_thread, group, dtype):
+    """float32 on CPU compares ids exactly; other dtypes (the GPU's bf16) score the row's tokens with
+    the reference model (near-argmax for greedy, the beam's log-probability for beam search). A
+    correct model passes both, a model with a changed weight fails both, a model one token short
+    fails with "wrong length"; failed rows have no speed and the transformers rows are untouched."""
+    _tiny_generation(monkeypatch)
+    monkeypatch.setattr(gpt2_bench, "setup", lambda cfg: [("gpt2-test", GPT2_TEST, GPT2_CASES[1:])])
+    cfg = _cfg(dtype=dtype)
+    mod = gpt2_bench if group == "gpt2" else bart_bench
+    rows = harness.run_jobs(_runner(), mod.jobs(cfg))
+    ours = [r for r in rows if r["impl"] == "fastlayers[torch]"]
+    mode = "exact ids" if dtype == torch.float32 else None
+    for r in ours:
+        assert r["status"] == "ok" and r["generation"]["failed"] == 0, r
+        want = mode or ("beam score" if r["case"]["search"] != "greedy" else "near-argmax")
+        assert r["generation"]["check"] == want, r["generation"]
+    for how in ("weights", "stops early") if dtype == torch.float32 else ("weights",):   # the length: any mode
+        mod, load = _perturbed(group, how)
+        monkeypatch.setattr(mod, "fastlayers_loader", load)
+        rows = harness.run_jobs(_runner(), mod.jobs(cfg))
+        ours = [r for r in rows if r["impl"] == "fastlayers[torch]"]
+        assert all(r["status"] == "ok" for r in rows if r["impl"] == "transformers generate")
+        failed = [r for r in ours if r["status"].startswith("FAILED: error")]
+        assert all("(vs transformers generate)" in r["status"] and all(r[k] is None for k in SPEED_KEYS)
+                   for r in failed)
+        assert len(failed) == len(ours), [(r["status"], r["generation"]) for r in ours]
+        if how == "stops early":
+            assert all(r["generation"]["wrong_shape"] and r["error"] == 1.0 for r in failed)
+        else:
+            assert all(r["generation"]["failed"] > 0 and 0 < r["error"] <= 1 for r in failed)
+
+
+def test_generation_row_plan_on_a_gpu():
+    """The GPU configuration (built without a GPU: nothing runs): the issues' models and cases, a
+    "no graph" row per decode case for one backend, the compile rows last in each case, and beam
+    search's compile row unsupported when the installed transformers compiles only greedy/sampling."""
+    for quick in (True, False):
+        cfg = Config(device=torch.device("cuda"), dtype=torch.bfloat16, quick=quick, backends=["triton", "cuda"])
+        models = [n for n, _, _ in gpt2_bench.setup(cfg)]
+        assert models == (["gpt2"] if quick else ["gpt2", "gpt2-medium"])
+        cases = {(c.batch, c.prompt, c.new_tokens, c.kind) for c in gpt2_bench.setup(cfg)[0][2]}
+        assert {(1, 32, 256, "decode"), (8, 32, 256, "decode"), (8, 512, 1, "prefill")} <= cases
+        assert ((32, 32, 256, "decode") in cases) == (not quick)
+        assert [n for n, _, _ in bart_bench.setup(cfg)] == (["bart-base"] if quick else ["bart-base", "bart-large"])
+        bart_cases = {(c.batch, c.prompt, c.new_tokens, c.beams) for c in bart_bench.setup(cfg)[0][2]}
+        assert bart_cases == {(1, 64, 64, 4), (8, 64, 64, 4), (1, 64, 64, 1), (8, 64, 64, 1)}
+    assert gpt2_bench.GPT2_MEDIUM["n_embd"] == 1024 and bart_bench.BART_LARGE["decoder_layers"] == 12
+    cfg = Config(device=torch.device("cuda"), dtype=torch.bfloat16, quick=True, backends=["triton", "cuda"])
+    for mod in (gpt2_bench, bart_bench):
+        by_case: dict = {}
+        for j in mod.jobs(cfg):
+            by_case.setdefault(json.dumps(j.case), []).append(j)
+        for jobs in by_case.values():
+            impls = [j.impl for j in jobs]
+            graph_rows = [i for i in impls if i.endswith("no graph")]
+            assert impls[0] == "transformers generate" and impls[-1] == report.GEN_COMPILE_IMPL
+            assert len(graph_rows) == (1 if jobs[0].variant == "decode" else 0), impls
+            comp = jobs[-1]
+            if jobs[0].case["search"] != "greedy":
+                why = generation.compile_support(4)
+                assert (comp.skip is None) == (why is None) and (why is None or "_beam_search" in comp.skip)
+    assert generation.compile_support(1) is None
+
+
+def test_generation_models_flags():
+    sel = run.selected_groups
+    assert sel(None, "gpt2") == ["gpt2"] and sel(None, "bart,gpt2") == ["gpt2", "bart"]
+    assert sel(None, "all") == ["bert", "gpt2", "bart"] and sel("none", "all") == ["bert", "gpt2", "bart"]
+    assert "gpt2" not in sel(None, None) and "bart" not in sel(None, None)     # the default: ops and bert
+    assert run.DEFAULT_MODELS == ("bert",) and "--models gpt2" in run.__doc__
+
+
+def test_generation_metrics_goal_and_time_split():
+    def row(impl, case, ratio, unit="ms/token", status="ok", **extra):
+        return dict({"group": "gpt2", "case": case, "variant": "decode", "impl": impl, "status": status,
+                     "unit": unit, "work": 256.0, "time_ms": 0.4 * 256 * ratio if status == "ok" else None,
+                     "time_ratio_vs_eager": ratio if status == "ok" else None,
+                     "speedup_vs_eager": 1 / ratio if status == "ok" else None}, **extra)
+    case = {"model": "gpt2", "batch": 1, "prompt": 32, "new_tokens": 256, "search": "greedy"}
+    split = {"gpu_busy_ms_per_step": 0.1, "weight_bytes": 250e6}
+    rows = [row("transformers generate", case, 1.0), row(report.GEN_COMPILE_IMPL, case, 0.5),
+            row("fastlayers[cuda]", case, 0.25, generation=split), row("fastlayers[triton]", case, 0.45)]
+    env = {"device_type": "cuda", "dtype": "bfloat16"}
+    report.add_model_metrics("gpt2", rows, env, {"copy_bandwidth_gbs": 5000.0})
+    by = {r["impl"]: r for r in rows}
+    cuda = by["fastlayers[cuda]"]
+    assert cuda["rate"] == pytest.approx(0.1) and cuda["speedup_vs_compile"] == pytest.approx(2.0)
+    assert cuda["goal"] == {"max_ms_per_token": 0.5, "min_speedup_vs_compile": 1.3, "met": True}
+    assert by["fastlayers[triton]"]["goal"]["met"] is False          # 0.18 ms/token, but 1.11x compile
+    assert cuda["time_split"] == pytest.approx({"wall_ms_per_step": 0.1, "gpu_busy_ms_per_step": 0.1,
+                                                "idle_ms_per_step": 0.0, "weights_floor_ms_per_step": 0.05})
+    assert "goal" not in by["transformers generate"] and "time_split" not in by["fastlayers[triton]"]
+    text = report.format_model_summary("gpt2", rows, env)
+    assert "fastlayers[cuda]: 0.100 ms/token, 4.00x transformers generate, 2.00x its compiled static cache  goal met" \
+        in text and "goal MISSED" in text
+    assert "0.100 ms/step = 0.100 GPU busy + 0.000 idle; weights' bandwidth floor 0.050" in text
+    bart_case = {"model": "bart-base", "batch": 1, "prompt": 64, "new_tokens": 64, "search": "beam 4"}
+    rows = [row("transformers generate", bart_case, 1.0, unit="tok/s"),
+            row(report.GEN_COMPILE_IMPL, bart_case, None, unit="tok/s", status="unsupported: beam search"),
+            row("fastlayers[cuda]", bart_case, 0.3, unit="tok/s")]
+    for r in rows:
+        r["group"] = "bart"
+    report.add_model_metrics("bart", rows, env)
+    assert rows[2]["goal"] == {"min_speedup_vs_transformers": 3.0, "met": True}
+    assert rows[2]["rate"] == pytest.approx(256 / (0.4 * 256 * 0.3 * 1e-3)) and rows[2]["speedup_vs_compile"] is None
+    report.add_model_metrics("bart", rows, {"device_type": "cpu", "dtype": "float32"})
+    assert "goal" not in rows[0]
+    assert "not judged on this run: CPU figures" in report.format_model_summary("bart", rows, {"device_type": "cpu"})

@@ -420,3 +420,26 @@ def test_compile_patched_forward_backward_matches_eager(family, checkpoints):
     gw, gg = _grads(eager), _grads(compiled_model)
     for k in gw:
         torch.testing.assert_close(gg[k], gw[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {k}: {m}")
+
+
+# ------------------------------------------------------------------------------------ wrappers
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_state_dict_round_trips_through_wrappers(family, checkpoints):
+    """A module holding the model -- torch.compile's OptimizedModule (`_orig_mod.`), a container --
+    saves the checkpoint's key names and shapes (split QKV, GPT-2's (in, out) weights) and loads
+    them back through its own load_state_dict, which never calls the model's (DDP: test_distributed)."""
+    from safetensors.torch import load_file
+    ckpt = load_file(str(checkpoints[family] / "model.safetensors"))
+    for wrap, prefix in ((lambda m: torch.compile(m), "_orig_mod."),
+                         (lambda m: torch.nn.ModuleDict({"net": m}), "net.")):
+        model = load(family, checkpoints[family], "zoo")
+        wrapped = wrap(model)
+        sd = {k: v.clone() for k, v in wrapped.state_dict().items()}
+        for k, v in ckpt.items():
+            assert torch.equal(sd[prefix + k], v), f"{prefix}{k}: not the checkpoint's tensor"
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        wrapped.load_state_dict(sd)                      # strict
+        after = wrapped.state_dict()
+        assert [k for k in sd if not torch.equal(after[k], sd[k])] == []

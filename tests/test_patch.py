@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ MODELS = {
     "bert-mlm": (hf.BertForMaskedLM, bert_cfg, "bert", 2),
     "bert-token": (hf.BertForTokenClassification, bert_cfg, "bert", 2),
     "bert-seqcls": (hf.BertForSequenceClassification, bert_cfg, "bert", 2),
+    "bert-causal-lm": (hf.BertLMHeadModel, lambda **kw: bert_cfg(is_decoder=True, **kw), "bert", 2),
     "roberta-mlm": (hf.RobertaForMaskedLM, roberta_cfg, "roberta", 2),
     "gpt2-lm": (hf.GPT2LMHeadModel, gpt2_cfg, "gpt2", 2),
     "gpt2-seqcls": (hf.GPT2ForSequenceClassification, gpt2_cfg, "gpt2", 2),
@@ -184,6 +186,34 @@ def test_patched_modules_share_the_same_parameters():
     ref(input_ids=torch.randint(1, 61, (2, 5))).logits.sum().backward()
     opt.step()
     assert all(params[n] in opt.state for n in params)
+
+
+def test_hooks_registered_before_patching_keep_firing():
+    ref = make_ref("bert-base")
+    seen = []
+    ref.encoder.layer[0].output.LayerNorm.register_forward_hook(lambda m, a, out: seen.append(isinstance(m, fl.nn.LayerNorm)))
+    fl.patch(ref)
+    ref(input_ids=torch.randint(3, 50, (1, 4)))
+    fl.unpatch(ref)
+    ref(input_ids=torch.randint(3, 50, (1, 4)))
+    assert seen == [True, False], "the hook did not fire on the patched module, then on the original"
+
+
+def test_a_forward_the_table_no_longer_matches_is_an_error_or_skipped(monkeypatch):
+    """A transformers release whose MLP forward changed: strict raises, strict=False patches the rest
+    and leaves the pairs it cannot vouch for unfused."""
+    monkeypatch.setattr(sys.modules["fastlayers.patch"], "_reads_act_of_linear", lambda cls, lin, act: False)
+    with pytest.raises(RuntimeError, match="no longer reads"):
+        fl.patch(make_ref("gpt2-lm"))
+    ref = make_ref("gpt2-lm")
+    pat = fl.patch(copy.deepcopy(ref), strict=False)
+    rep = pat.fastlayers_patch_report
+    assert rep.family == "GPT-2" and any("does not read self.act(self.c_fc(x))" in s for s in rep.skipped)
+    assert type(pat.transformer.h[0].mlp.c_fc) is hf.pytorch_utils.Conv1D
+    assert isinstance(pat.transformer.h[0].ln_1, fl.nn.LayerNorm)
+    kw, fields = make_inputs("gpt2-lm", True)
+    with torch.no_grad():
+        assert_rel(pat(**kw).logits, ref(**kw).logits, RTOL, "partly patched", mask=fields[0][1])
 
 
 # ----------------------------------------------------------------------------- padding
@@ -356,6 +386,14 @@ def electra():
     return m.eval()
 
 
+def test_transformers_older_than_the_interfaces_is_refused(monkeypatch):
+    # (4.57's BERT / GPT-2 / BART build their own SDPA masks: MIN_TRANSFORMERS is 5.0.0; here the
+    # installed version is made "too old" by raising the bar)
+    monkeypatch.setattr(sys.modules["fastlayers.patch"], "MIN_TRANSFORMERS", "99.0")
+    with pytest.raises(RuntimeError, match=r"transformers >= 99\.0 .*found"):
+        fl.patch(make_ref("bert-base"))
+
+
 def test_a_model_outside_the_table_raises_listing_the_families():
     with pytest.raises(ValueError) as e:
         fl.patch(electra())
@@ -416,3 +454,15 @@ def test_inexpressible_masks_fall_back_to_sdpa_and_are_counted():
         assert_rel(pat(input_ids=ids, attention_mask=mask4).logits, ref(input_ids=ids, attention_mask=mask4).logits,
                    RTOL, "4-D mask")
     assert attention_stats() == {"sdpa: a 4-D attention mask": 2}
+
+
+def test_torch_compile_fullgraph_of_a_patched_model():
+    """The mask and attention functions trace without a graph break (no host read while compiling):
+    GPT-2, causal with left and right padding (~10 s of dynamo on CPU)."""
+    name = "gpt2-lm"
+    ref, pat = pair(name)
+    kw, fields = make_inputs(name, True)
+    torch._dynamo.reset()
+    compiled = torch.compile(pat, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert_rel(compiled(**kw).logits, ref(**kw).logits, RTOL, f"compiled {name}", mask=fields[0][1])
