@@ -237,9 +237,11 @@ def train(model, epoch_batches: Callable[[int], list], *, epochs: int, lr: float
     warmup = int(round(warmup_ratio * total))
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = linear_schedule(optimizer, warmup, total)
-    show = _show_progress(progress)
+    log(f"training: {epochs} epoch(s) x {steps_per_epoch} steps, lr {lr:g} (warmup {warmup} steps, linear "
+        f"decay to 0), AdamW weight decay {weight_decay:g}, {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
+        f" on {device}")
     bar = None
-    if show:
+    if _show_progress(progress):
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     # epoch lines go through the bar's write when printing to stdout, so a terminal bar is not torn
@@ -248,9 +250,6 @@ def train(model, epoch_batches: Callable[[int], list], *, epochs: int, lr: float
     samples = tokens = 0
     seconds = 0.0
     epoch_loss = []
-    log(f"training: {epochs} epoch(s) x {steps_per_epoch} steps, lr {lr:g} (warmup {warmup} steps, linear "
-        f"decay to 0), AdamW weight decay {weight_decay:g}, {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
-        f" on {device}")
     try:
         for epoch in range(epochs):
             batches = batches0 if epoch == 0 else epoch_batches(epoch)
@@ -258,6 +257,8 @@ def train(model, epoch_batches: Callable[[int], list], *, epochs: int, lr: float
             ep_samples = ep_tokens = 0
             t0 = last_postfix = time.perf_counter()
             for step, batch in enumerate(batches):
+                ep_samples += batch["labels"].shape[0]
+                ep_tokens += int(batch["attention_mask"].sum())        # counted on the CPU copy: no sync
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with _autocast(device, dtype):
                     loss = model(**batch).loss
@@ -268,15 +269,13 @@ def train(model, epoch_batches: Callable[[int], list], *, epochs: int, lr: float
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach().float()
-                ep_samples += batch["labels"].shape[0]
-                ep_tokens += int(batch["attention_mask"].sum())
                 if bar is not None:
-                    bar.update(1)
                     now = time.perf_counter()
                     if now - last_postfix >= _POSTFIX_SECONDS or step == len(batches) - 1:
-                        last_postfix = now
-                        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.4f}",
+                        last_postfix = now      # the epoch's mean loss so far (.item() syncs the GPU)
+                        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_sum.item() / (step + 1):.4f}",
                                         samples_s=f"{ep_samples / max(now - t0, 1e-9):.1f}", refresh=False)
+                    bar.update(1)
             mean = loss_sum.item() / max(1, len(batches))      # .item() syncs: the time below is complete
             dt = time.perf_counter() - t0
             samples, tokens, seconds = samples + ep_samples, tokens + ep_tokens, seconds + dt

@@ -214,7 +214,9 @@ class _Settings:
         self.top_p = float(gc.top_p) if gc.do_sample else 1.0
         self.repetition_penalty = float(gc.repetition_penalty)
         self.ngram = int(gc.no_repeat_ngram_size)
-        self.min_length = int(gc.min_length)
+        # as transformers (_prepare_generated_length): min_new_tokens, when set, takes precedence and
+        # replaces min_length by min_new_tokens + the (decoder) prompt length
+        self.min_length = int(gc.min_length) if gc.min_new_tokens is None else int(gc.min_new_tokens) + prompt_len
         self.min_new = int(gc.min_new_tokens or 0)
         self.prompt_len, self.max_len = prompt_len, max_len       # max_len: prompt + new tokens
         self.eos = [e for e in gc.eos_ids if 0 <= e < vocab]

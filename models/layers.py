@@ -97,11 +97,14 @@ def split_fused(model: nn.Module, sd: dict, prefix: str = "") -> dict:
     return sd
 
 
-def merge_fused(model: nn.Module, sd: dict) -> dict:
+def merge_fused(model: nn.Module, sd: dict, skip: tuple = ()) -> dict:
     """Checkpoint names/shapes -> internal (a new dict; inputs untouched). A tensor is built only when
-    every part is present; otherwise the parts stay and are reported as unexpected/missing."""
+    every part is present; otherwise the parts stay and are reported as unexpected/missing.
+    skip: module path prefixes ("bert.") whose layers are left alone (translated by their own model)."""
     sd = dict(sd)
     for own, base, m in _layouts(model):
+        if own.startswith(skip):
+            continue
         for pname in ("weight", "bias"):
             rel_keys = list(m.checkpoint_tensors(pname, torch.empty(m.out_features, 0)).keys())
             parts = {rel: sd[base + rel] for rel in rel_keys if base + rel in sd}

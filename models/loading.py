@@ -186,6 +186,7 @@ class PreTrainedModel(nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"config: expected a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+        self.register_load_state_dict_pre_hook(_checkpoint_names_to_internal)
 
     # -------------------------------------------------------------- properties
     @property
@@ -225,7 +226,7 @@ class PreTrainedModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module.load_state_dict, from checkpoint key names (legacy gamma/beta accepted)."""
-        sd = merge_fused(self, self._rename_legacy(state_dict))
+        sd = self._rename_legacy(state_dict)       # fused layouts: _checkpoint_names_to_internal
         for key in self._tied_active():
             sd.pop(key, None)
         missing, unexpected = super().load_state_dict(sd, strict=False, assign=assign)
@@ -376,9 +377,13 @@ class PreTrainedModel(nn.Module):
         return info, {k: v for k, v in ckpt.items() if k in expected and k not in mismatched}
 
     # -------------------------------------------------------------- save_pretrained
-    def save_pretrained(self, save_directory, *, max_shard_size="5GB", safe_serialization: bool = True) -> None:
+    def save_pretrained(self, save_directory, *, max_shard_size="5GB", safe_serialization: bool = True,
+                        is_main_process: bool = True) -> None:
         """Writes config.json and safetensors (tied copies left out, as transformers does) that
-        transformers' AutoModel*.from_pretrained and fastlayers' from_pretrained both load."""
+        transformers' AutoModel*.from_pretrained and fastlayers' from_pretrained both load.
+        Sharded parameters (FSDP2's fully_shard: DTensors) are gathered first, which is a collective:
+        call it on every rank, with is_main_process=(rank == 0) so that one rank writes (transformers'
+        argument)."""
         if not safe_serialization:
             raise ValueError("safe_serialization: fastlayers writes safetensors only, got False")
         d = Path(save_directory)
@@ -390,7 +395,9 @@ class PreTrainedModel(nn.Module):
         # unties BERT's cls.predictions.decoder.bias from cls.predictions.bias with the word
         # embeddings and reads the decoder's own key (zeros when absent)
         skip = self._tied_active() if getattr(cfg, "tie_word_embeddings", True) else {}
-        sd = {k: v for k, v in self.state_dict().items() if k not in skip}
+        sd = {k: _gather_full(v) for k, v in self.state_dict().items() if k not in skip}
+        if not is_main_process:
+            return
         save_checkpoint(sd, d, max_shard_size)
         cfg.save_pretrained(d)
         gen = getattr(self, "generation_config", None)
@@ -398,6 +405,28 @@ class PreTrainedModel(nn.Module):
             from .generation import GENERATION_CONFIG_NAME
             (d / GENERATION_CONFIG_NAME).write_text(json.dumps(
                 {k: v for k, v in gen.to_dict().items() if v is not None}, indent=2, sort_keys=True) + "\n")
+
+
+def _checkpoint_names_to_internal(module: "PreTrainedModel", state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the checkpoint-named keys under `prefix` (what state_dict() gives:
+    split QKV, (in, out) Conv1D weights, legacy gamma/beta) -> the internal parameters, in place.
+    A hook, not only our load_state_dict, so that loading through a module holding the model works
+    too: DistributedDataParallel (`module.`), torch.compile's wrapper (`_orig_mod.`), a container,
+    whose nn.Module.load_state_dict never calls ours. torch runs it before checking the keys of the
+    modules below; each model translates only its own layers, not those of a model nested in it
+    (BertModel in BertForSequenceClassification) whose own hook follows -- a Conv1D transpose done
+    twice would undo itself."""
+    nested = tuple(p + "." for p, m in module.named_modules() if p and isinstance(m, PreTrainedModel))
+    mine = {k[len(prefix):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    for k, v in merge_fused(module, module._rename_legacy(mine), skip=nested).items():
+        state_dict[prefix + k] = v
+
+
+def _gather_full(t):
+    """A DTensor (FSDP2 / tensor-parallel parameter, or a view of one) -> the whole tensor on every
+    rank (a collective); other tensors pass through."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
 
 
 def init_normal_(module: nn.Module, std: float) -> None:

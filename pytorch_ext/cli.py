@@ -237,13 +237,14 @@ def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
         if fn is finetune_text_classification:
             task.add_argument("--model", default=d["model"], help=f"a local model folder, or 'minilm' (default "
                               f"{d['model']}): the body; the classification head is new")
-            task.add_argument("--data", default=None, help="labelled texts: .jsonl ({\"text\", \"label\"} a line) or "
-                              f".tsv (text<TAB>label a line). Default: the shipped sentiment set ({SENTIMENT_DATA.name}:"
-                              " 360 review sentences, positive / negative)")
+            task.add_argument("--data", default=None, help="labelled texts: .jsonl ({\"text\", \"label\"} a line) "
+                              "or .tsv (text<TAB>label a line). Default: the shipped sentiment set "
+                              f"({SENTIMENT_DATA.name}: 360 review sentences, positive / negative)")
             task.add_argument("--max-length", type=int, default=d["max_length"],
                               help=f"tokens per text, longer ones truncated (default {d['max_length']})")
         else:
-            task.add_argument("--model", required=True, help="a local GPT-2 folder (config.json, weights, tokenizer.json)")
+            task.add_argument("--model", required=True,
+                              help="a local GPT-2 folder (config.json, weights, tokenizer.json)")
             task.add_argument("--data", required=True, help="a UTF-8 text file")
             task.add_argument("--block-size", type=int, default=None,
                               help="tokens per training row (default: min(128, the model's positions))")

@@ -101,6 +101,16 @@ def bart(tmp_path_factory):
     return ref, flm.BartForConditionalGeneration.from_pretrained(d), d
 
 
+@pytest.fixture(scope="module")
+def bart_eager_eos(tmp_path_factory):
+    """The same BART with eos far more likely: most hypotheses end within a few steps, which is
+    where early_stopping's three settings part ways."""
+    d = tmp_path_factory.mktemp("bart-beams-eos")
+    ref = _bart_reference(eos_bias=6.0)
+    ref.save_pretrained(d)
+    return ref, flm.BartForConditionalGeneration.from_pretrained(d), d
+
+
 def enc_batch(lengths=BART_LENGTHS, vocab=BART_V):
     """Encoder ids (B, max(lengths)) in [3, vocab), right-padded with PAD, and the mask."""
     L = max(lengths)
@@ -317,12 +327,16 @@ def test_bart_beam_ids_equal_across_length_penalties(bart, num_beams):
         assert seqs.shape[0] == len(BART_LENGTHS) and seqs[:, 0].eq(EOS).all()
 
 
-@pytest.mark.parametrize("num_beams,length_penalty", [(2, 1.0), (4, 1.0), (4, 2.0)])
-def test_bart_beam_ids_equal_across_early_stopping(bart, num_beams, length_penalty):
-    """early_stopping True / False / "never" on one draw where True differs from the others."""
+@pytest.mark.parametrize("num_beams,length_penalty", [(2, 2.0), (4, 1.0), (4, 2.0)])
+def test_bart_beam_ids_equal_across_early_stopping(bart_eager_eos, num_beams, length_penalty):
+    """early_stopping True / False / "never" on one draw where they give three different results
+    (length_penalty 1: True differs from the others; "never" only departs from False where a
+    positive penalty makes it assume the longest length)."""
     settings = [dict(num_beams=num_beams, max_new_tokens=12, length_penalty=length_penalty, early_stopping=e)
                 for e in (True, False, "never")]
-    same_as_transformers(bart, enc_batch, *settings, differ=first_differs)
+    _, _, got = same_as_transformers(bart_eager_eos, enc_batch, *settings,
+                                     differ=all_differ if length_penalty != 1.0 else first_differs)
+    assert got[0].shape[1] <= got[1].shape[1] <= got[2].shape[1], "early_stopping=True searches least"
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -335,14 +349,18 @@ def test_bart_no_repeat_ngram_size(bart, n):
         assert len(grams) == len(set(grams)), f"a repeated {n}-gram in {row}"
 
 
-def test_bart_min_length_and_min_new_tokens(bart):
+def test_bart_min_length_and_min_new_tokens(bart_eager_eos):
     """eos is likely from the first step: min_length (decoder length, start token included) and
-    min_new_tokens hold it back; transformers' ids either way."""
+    min_new_tokens hold it back; with both, min_new_tokens takes precedence (transformers replaces
+    min_length by min_new_tokens + the decoder prompt length, even for min_new_tokens=0)."""
     base = dict(num_beams=4, max_new_tokens=10, length_penalty=0.5)
-    settings = [base, dict(base, min_new_tokens=4), dict(base, min_length=6), dict(base, min_new_tokens=2, min_length=5)]
-    _, _, got = same_as_transformers(bart, enc_batch, *settings, differ=first_differs)
-    for seqs, m in zip(got[1:], (4, 5, 4)):
+    settings = [base, dict(base, min_new_tokens=4), dict(base, min_length=6), dict(base, min_new_tokens=2, min_length=6),
+                dict(base, min_new_tokens=0, min_length=6)]
+    _, _, got = same_as_transformers(bart_eager_eos, enc_batch, *settings,
+                                     differ=lambda s: first_differs(s[:4]) and first_differs(s[2:4]))
+    for seqs, m in zip(got[1:4], (4, 5, 2)):
         assert not seqs[:, 1:1 + m].eq(EOS).any(), f"eos within the first {m} new tokens: {seqs.tolist()}"
+    assert torch.equal(got[4], got[0]), "min_new_tokens=0 lifts min_length"
 
 
 def test_bart_forced_bos_and_forced_eos(bart):
@@ -521,14 +539,12 @@ def _our_runs(ours, ids, mask, kw, sync_every):
 
 
 @pytest.mark.parametrize("early_stopping", [True, False])
-def test_bart_all_beams_finish_early(tmp_path, early_stopping):
+def test_bart_all_beams_finish_early(bart_eager_eos, early_stopping):
     """eos so likely that every beam finishes within a few steps: the output has transformers'
     length (well short of max_new_tokens); with sync_every=1 we run exactly transformers' number
     of decode steps; sync_every 16, and a check never made, give the same ids and scores (the
     steps after the end change nothing)."""
-    ref = _bart_reference(eos_bias=6.0)
-    ref.save_pretrained(tmp_path)
-    ours = flm.BartForConditionalGeneration.from_pretrained(tmp_path)
+    ref, ours, _ = bart_eager_eos
     kw = dict(num_beams=4, num_return_sequences=2, max_new_tokens=30, early_stopping=early_stopping,
               length_penalty=0.8)
     ids, mask, (want,), _ = conditioned(ref, lambda: enc_batch([9, 6, 3, 8]), kw)
@@ -578,7 +594,7 @@ def test_triton_backend_bart_beams(tmp_path):
     ref.save_pretrained(tmp_path)
     ours = flm.BartForConditionalGeneration.from_pretrained(tmp_path)
     kw = dict(num_beams=2, max_new_tokens=4, num_return_sequences=2)
-    ids, mask, (want,) = conditioned(ref, lambda: enc_batch([5, 3], cfg.vocab_size), kw)
+    ids, mask, (want,), _ = conditioned(ref, lambda: enc_batch([5, 3], cfg.vocab_size), kw)
     with fl.use_backend("triton"):
         got = ours.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kw)
         for op in ("linear", "layer_norm", "attention", "attention_with_kvcache"):
@@ -646,7 +662,7 @@ def _graph_vs_eager(model, batches, kw):
     for ids, mask in batches:
         e = model.generate(ids, attention_mask=mask, use_cuda_graph=False, **kw)
         for i in range(2):
-            junk = [torch.full((64,), 7, dtype=torch.long, device="cuda") for _ in range(64)]   # reuse freed memory
+            junk = [torch.full((64,), 7, dtype=torch.long, device=model.device) for _ in range(64)]  # reuse freed memory
             g = model.generate(ids, attention_mask=mask, use_cuda_graph=True, **kw)
             del junk
             assert g.shape == e.shape and torch.equal(g, e), f"{kw} call {i}: graph {g.tolist()}\neager {e.tolist()}"
@@ -681,8 +697,9 @@ def test_gpu_cuda_graph_beam_search_same_ids_as_eager(tmp_path, family, backend,
         def draw():
             ids, mask = left_padded(lengths, cfg.vocab_size)
             return ids.cuda(), mask.cuda()
-    assert model.config.hidden_size // model.config.num_attention_heads == head_dim if family == "gpt2" else \
-        model.config.d_model // model.config.decoder_attention_heads == head_dim
+    heads = [(cfg.n_embd, cfg.n_head)] if family == "gpt2" else [(cfg.d_model, cfg.encoder_attention_heads),
+                                                                 (cfg.d_model, cfg.decoder_attention_heads)]
+    assert all(width // n == head_dim for width, n in heads)
     pad = PAD if family == "bart" else GPT2_PAD
     kw = dict(num_beams=4, max_new_tokens=24, pad_token_id=pad)
     with fl.use_backend(backend):
@@ -702,7 +719,8 @@ def test_gpu_cuda_graph_beam_search_same_ids_as_eager(tmp_path, family, backend,
         ids, mask = first
         e = model.generate(ids, attention_mask=mask, use_cuda_graph=False, **kw2)
         g = model.generate(ids, attention_mask=mask, use_cuda_graph=True, **kw2)
-        assert torch.equal(g.sequences, e.sequences) and torch.equal(g.sequences_scores, e.sequences_scores)
+        assert torch.equal(g.sequences, e.sequences), f"graph {g.sequences.tolist()}\neager {e.sequences.tolist()}"
+        torch.testing.assert_close(g.sequences_scores, e.sequences_scores, rtol=0, atol=1e-5)
 
 
 @pytest.mark.gpu

