@@ -7,7 +7,7 @@ SAME random weights (generation.py: rows, the ids check, the GPU time split).
   (bf16); --quick: bart-base only. CPU (float32): a small config (d_model 256, 2 + 2 layers, 4 heads,
   FFN 1024; --quick: d_model 64, 2 heads, FFN 128).
 - Cases: 64-token encoder inputs (mask all ones, ids outside the special tokens 0-3), 64 new
-  tokens, beam search with num_beams=4 and greedy, each at batch 1 and batch 8 (CPU: 64 inputs, 32
+  tokens, beam search with num_beams=4 and greedy, each at batch 1 and batch 8 (CPU: 64 inputs, 16
   new tokens, batch 1 and 4; --quick: 32 inputs, 8 new tokens, batch 1 and 2). No early stop: every
   call makes exactly its new tokens (min_new_tokens = max_new_tokens, so eos never wins and every
   beam runs to the end), forced_bos/forced_eos off, no_repeat_ngram_size 0, length_penalty 1.
@@ -38,8 +38,8 @@ BART_TINY_CPU = dict(BART_SMALL_CPU, d_model=64, encoder_attention_heads=2, deco
                      encoder_ffn_dim=128, decoder_ffn_dim=128)
 FIRST_ID = 4          # bos 0, pad 1, eos 2, unk 3: never in the inputs
 
-FAMILY = Family(group="bart", hf_class="BartForConditionalGeneration", hf_config="BartConfig",
-                fl_class="BartForConditionalGeneration", encoder_decoder=True,
+FAMILY = Family(group="bart", hf_class="BartForConditionalGeneration", hf_auto="AutoModelForSeq2SeqLM",
+                hf_config="BartConfig", fl_class="BartForConditionalGeneration", encoder_decoder=True,
                 generate_kwargs=dict(forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0,
                                      length_penalty=1.0, early_stopping=False))
 
@@ -54,7 +54,7 @@ def setup(cfg: Config) -> list[tuple[str, dict, list[Case]]]:
         return [(n, f, cases(n, 64, 64, (1, 8))) for n, f in (("bart-base", BART_BASE), ("bart-large", BART_LARGE))]
     if cfg.quick:
         return [("bart-tiny-cpu", BART_TINY_CPU, cases("bart-tiny-cpu", 32, 8, (1, 2)))]
-    return [("bart-small-cpu", BART_SMALL_CPU, cases("bart-small-cpu", 64, 32, (1, 4)))]
+    return [("bart-small-cpu", BART_SMALL_CPU, cases("bart-small-cpu", 64, 16, (1, 4)))]
 
 
 def unit_of(case: Case) -> tuple[str, float]:

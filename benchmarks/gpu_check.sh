@@ -8,9 +8,19 @@
 #   3 gpu_smoke (one case per op x backend x dtype), then pytest -m gpu -q (xdist)                          -> OUTDIR/pytest-gpu.log, OUTDIR/pytest-gpu.xml
 #   4 fastlayers info + fastlayers bench --quick   -> OUTDIR/bench.log, OUTDIR/bench-results.tar.gz
 #                                                     (JSON + PNG; tarred: the machine returns <= 8 files)
+#   5 fastlayers bench --quick --models gpt2, then --models bart (generate: decode ms/token, tokens/s,
+#     prefill, beam search, against transformers generate and its compiled static cache), each its
+#     own step with its own --max-seconds      -> appended to OUTDIR/bench.log, JSON in the same tarball
 #   OUTDIR/summary.txt: one line per step with its status and seconds.
-# Budget on one H100: build 1-2 min, tests <= 3 min, bench <= 3 min; the step limits add up to 570 s.
-# Limits are overridable: GPU_CHECK_BUILD_S, GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S; extra pytest
+# Budget on one H100: build 1-2 min, tests <= 3 min, bench <= 3 min, gpt2 <= 4 min, bart <= 3 min; the
+# step limits add up to 990 s (570 s without the model steps: GPU_CHECK_GPT2_S=0 GPU_CHECK_BART_S=0).
+# The generation groups are the slow ones: transformers generate runs ~2 s a call at batch 1 (eager
+# Python per token), each row is called ~8 times, and its torch.compile row compiles for ~1 min per
+# batch shape; --max-seconds stops starting rows GEN_MARGIN_S (90 s: one compile row) before the hard
+# limit, and the rows run in the order: every case's transformers and fastlayers rows (batch 1 first),
+# then the compile rows, so a short budget keeps the fastlayers figures and drops compile rows first.
+# Limits are overridable: GPU_CHECK_BUILD_S, GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S, GPU_CHECK_GPT2_S,
+# GPU_CHECK_BART_S (0 skips that step); extra pytest
 # arguments (e.g. a file or -k expression, to spend a short lease on one kernel) in GPU_CHECK_PYTEST_ARGS.
 set -u
 if [ $# -ne 1 ]; then
@@ -25,6 +35,9 @@ PY=${PYTHON:-python}
 BUILD_S=${GPU_CHECK_BUILD_S:-150}
 TEST_S=${GPU_CHECK_TEST_S:-180}
 BENCH_S=${GPU_CHECK_BENCH_S:-180}
+GPT2_S=${GPU_CHECK_GPT2_S:-240}
+BART_S=${GPU_CHECK_BART_S:-180}
+GEN_MARGIN_S=90
 FAILED=0
 : > "$OUT/summary.txt"
 
@@ -64,6 +77,18 @@ step info "$OUT/bench.log" 30 "$PY" -m fastlayers.cli info
 # the harness's own budget stops starting rows 30 s before the hard limit, so its JSON is written
 step bench "$OUT/bench.log" "$BENCH_S" "$PY" -m fastlayers.cli bench --quick --out "$BENCH_DIR" \
     --max-seconds $((BENCH_S - 30))
+# the generation groups, one bounded step each (--models alone: no op group runs again)
+for group in gpt2 bart; do
+    [ "$group" = gpt2 ] && limit=$GPT2_S || limit=$BART_S
+    if [ "$limit" -gt 0 ]; then
+        budget=$((limit - GEN_MARGIN_S))
+        [ "$budget" -lt 30 ] && budget=30
+        step "bench-$group" "$OUT/bench.log" "$limit" "$PY" -m fastlayers.cli bench --quick --models "$group" \
+            --out "$BENCH_DIR" --max-seconds "$budget"
+    else
+        echo "skipped bench-$group (GPU_CHECK_${group^^}_S=0)" >> "$OUT/summary.txt"
+    fi
+done
 if ls "$BENCH_DIR"/* > /dev/null 2>&1; then
     tar -czf "$OUT/bench-results.tar.gz" -C "$BENCH_DIR" .
     echo "bench results: bench-results.tar.gz ($(cd "$BENCH_DIR" && ls | tr '\n' ' '))" >> "$OUT/summary.txt"

@@ -15,6 +15,14 @@ eager (so "speedup_vs_eager" is over it), and each row also has "speedup_vs_sdpa
 did not run), "model_config", "backends_ran_by_op" for fastlayers rows (attention, linear,
 layer_norm), and on a GPU in bf16 for fastlayers rows "goal": {"min_speedup_vs_sdpa",
 "min_speedup_vs_compile", "met"} (MODEL_GOALS, issue 9).
+Generation groups (gpt2, bart; generation.py): unit "ms/token" (batch-1 decode: rate = the call's
+time / new tokens) or "tok/s" (rate = work / time; work = new tokens of the batch, or prompt tokens
+for prefill); the reference row is transformers generate (so "speedup_vs_eager" is over it), and
+each row also has "speedup_vs_compile" (over the compiled static-cache row of the same case),
+"model_config", "generate_kwargs", "generation" (what the ids check found; generation.py) and, for
+fastlayers decode rows profiled on a GPU, "time_split": {"wall_ms_per_step", "gpu_busy_ms_per_step",
+"idle_ms_per_step", "weights_floor_ms_per_step"}; on a GPU in bf16 the fastlayers rows of the goal
+case have "goal" (GENERATION_GOALS, issues 10 and 11).
 """
 from __future__ import annotations
 
@@ -230,7 +238,9 @@ def add_generation_metrics(group: str, rows: list[dict], env: dict, peaks: dict 
             if ok and gen.get("gpu_busy_ms_per_step") is not None:
                 wall = r["time_ms"] / _new_tokens(r)
                 busy = gen["gpu_busy_ms_per_step"]
-                floor = (gen["weight_bytes"] / (bandwidth * 1e9) * 1e3) if bandwidth and gen.get("weight_bytes") else None
+                floor = None
+                if bandwidth and gen.get("weight_bytes"):
+                    floor = gen["weight_bytes"] / (bandwidth * 1e9) * 1e3
                 r["time_split"] = {"wall_ms_per_step": wall, "gpu_busy_ms_per_step": busy,
                                    "idle_ms_per_step": max(0.0, wall - busy), "weights_floor_ms_per_step": floor}
             if gpu_bf16 and goal and r["impl"].startswith("fastlayers") and r["variant"] == goal["variant"] \

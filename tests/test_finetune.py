@@ -8,14 +8,14 @@ the same checkpoint, data and seed:
     checkpointing, which must really recompute: each layer's forward runs twice per step);
   - dropout on (attention dropout inside the fused kernel): the loss of a tiny overfit task falls,
     eval() is deterministic, and gradient checkpointing replays the same dropout masks;
-  - CPU bf16 autocast and fp16 + GradScaler; on a GPU (`-m gpu`) bf16 losses within 1e-2 of
-    transformers' bf16 run per step;
+  - bf16 autocast: losses within 1e-2 of transformers' bf16 run per step over 20 steps (CPU; CUDA
+    with `-m gpu`), close to fp32; CPU fp16 autocast with a GradScaler (overflow skips the step);
   - torch.compile(fullgraph=True): forward and backward equal eager.
 DDP / FSDP2 are in test_distributed.py.
 """
 from __future__ import annotations
 
-import math
+import os
 
 import pytest
 import torch
@@ -283,13 +283,16 @@ def test_dropout_masks_replay_under_gradient_checkpointing(family, dropout_check
 
 
 # ------------------------------------------------------------------------------------ autocast
-# bf16 keeps 8 significant bits: each rounding is off by up to 2^-9 = 0.2% relative. The tiny models'
-# loss passes through ~10 rounded GEMM/attention outputs (fp32 accumulation, norms and losses in fp32),
-# whose errors mostly average out; we observe < 0.5% on the loss. The bound 3% is ~15 roundings'
-# worth of worst-case error: loose enough for the rounding noise, tight enough to catch a wrong cast
-# (a missing scale, a mask dropped in low precision, fp32 state lost) which moves the loss by far more.
-BF16_LOSS_RTOL = 3e-2
-FP16_LOSS_RTOL = 5e-3      # fp16 keeps 11 bits: 8x finer than bf16
+# bf16 keeps 8 significant bits: each rounding is off by up to 2^-9 = 0.2% relative. The loss of these
+# models passes through ~10 rounded GEMM / attention outputs per layer (fp32 accumulation; norms,
+# softmax statistics and the loss in fp32) whose errors mostly average out: measured on CPU, the
+# bf16 loss is within 0.15% of fp32 over 4 steps (0.4% over 20, transformers' own bf16 run alike), and
+# zoo / patched bf16 within 0.2% of transformers' bf16 per step over 20 steps. The bounds leave 5-10x
+# margin for the rounding noise and still catch a wrong cast (a mask or scale lost in low precision,
+# fp32 master weights or gradients turned bf16) which moves the loss by far more.
+BF16_VS_FP32_RTOL = 2e-2
+BF16_VS_TRANSFORMERS_RTOL = 1e-2      # the issue's bound, per step over 20 steps
+FP16_VS_FP32_RTOL = 1e-3              # fp16 keeps 11 bits (8x finer than bf16): measured 4e-5 over 4 steps
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -299,10 +302,24 @@ def test_cpu_bf16_autocast_step_close_to_fp32(family, checkpoints):
     ref = train(load(family, checkpoints[family], "zoo"), batches, steps=4)
     got = train(model, batches, steps=4, autocast=torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in model.parameters()), "autocast changed a parameter's dtype"
-    assert_losses_close(got, ref, BF16_LOSS_RTOL, f"zoo {family} bf16 autocast vs fp32")
-    # and against transformers' own bf16 autocast run on CPU
-    theirs = train(load(family, checkpoints[family], "hf"), batches, steps=4, autocast=torch.bfloat16)
-    assert_losses_close(got, theirs, BF16_LOSS_RTOL, f"zoo {family} bf16 vs transformers bf16")
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None), \
+        "fp32 parameters got gradients of another dtype"
+    assert_losses_close(got, ref, BF16_VS_FP32_RTOL, f"zoo {family} bf16 autocast vs fp32")
+
+
+@pytest.mark.parametrize("kind", ["zoo", pytest.param("patched", marks=needs_patch)])
+@pytest.mark.parametrize("family,device", [
+    ("bert", "cpu"), ("gpt2", "cpu"), ("bart", "cpu"),
+    pytest.param("bert", "cuda", marks=pytest.mark.gpu), pytest.param("gpt2", "cuda", marks=pytest.mark.gpu)])
+def test_bf16_autocast_losses_match_transformers(family, device, kind, checkpoints):
+    """20 AdamW steps under bf16 autocast: per-step loss within 1e-2 relative of transformers' own
+    bf16 autocast run on the same checkpoint and data (on CUDA: fastlayers' kernels against
+    transformers' eager attention and cuBLAS)."""
+    batches = make_batches(family)
+    want = train(load(family, checkpoints[family], "hf").to(device), batches, autocast=torch.bfloat16, device=device)
+    model = load(family, checkpoints[family], kind, **({"device": device} if kind == "zoo" else {}))
+    got = train(model.to(device), batches, autocast=torch.bfloat16, device=device)
+    assert_losses_close(got, want, BF16_VS_TRANSFORMERS_RTOL, f"{kind} {family} bf16 on {device}")
 
 
 def _cpu_fp16_supported() -> bool:
@@ -322,7 +339,7 @@ def test_cpu_fp16_autocast_with_grad_scaler(family, checkpoints):
     ref = train(load(family, checkpoints[family], "zoo"), batches, steps=4)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     got = train(load(family, checkpoints[family], "zoo"), batches, steps=4, autocast=torch.float16, scaler=scaler)
-    assert_losses_close(got, ref, FP16_LOSS_RTOL, f"zoo {family} fp16 autocast + GradScaler vs fp32")
+    assert_losses_close(got, ref, FP16_VS_FP32_RTOL, f"zoo {family} fp16 autocast + GradScaler vs fp32")
     # an overflowing scale: the backward gives inf gradients, the scaler skips the step and backs off
     model = load(family, checkpoints[family], "zoo").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -337,36 +354,22 @@ def test_cpu_fp16_autocast_with_grad_scaler(family, checkpoints):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "an overflowed step updated weights"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_gpu_bf16_autocast_losses_match_transformers(family, checkpoints):
-    """20 AdamW steps under CUDA bf16 autocast (fastlayers' kernels): per-step loss within 1e-2
-    relative of transformers' bf16 autocast run on the same checkpoint and data."""
-    batches = make_batches(family)
-    want = train(load(family, checkpoints[family], "hf", device_map=None).cuda(), batches, autocast=torch.bfloat16,
-                 device="cuda")
-    got = train(load(family, checkpoints[family], "zoo", device="cuda"), batches, autocast=torch.bfloat16,
-                device="cuda")
-    assert_losses_close(got, want, 1e-2, f"zoo {family} bf16 on CUDA")
-    if HAS_PATCH:
-        got = train(load(family, checkpoints[family], "patched").cuda(), batches, autocast=torch.bfloat16,
-                    device="cuda")
-        assert_losses_close(got, want, 1e-2, f"patched {family} bf16 on CUDA")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_gpu_dropout_training_falls_like_transformers(family, dropout_checkpoints):
-    """Dropout on (attention dropout in the fused kernel), bf16 autocast: the masks differ from
-    transformers', so per-step losses do not match, but the loss of an overfit task falls alike."""
+@pytest.mark.parametrize("family,device", [
+    ("bert", "cpu"), ("gpt2", "cpu"), ("bart", "cpu"),
+    pytest.param("bert", "cuda", marks=pytest.mark.gpu), pytest.param("gpt2", "cuda", marks=pytest.mark.gpu)])
+def test_dropout_training_falls_like_transformers(family, device, dropout_checkpoints):
+    """Dropout on (attention dropout in the fused kernel), bf16 autocast, one batch to overfit: the
+    masks differ from transformers' (another RNG stream), so the per-step losses differ, but the loss
+    falls alike: both halve, and end within 15% of the starting loss of each other."""
     batch = make_batches(family, n=1, B=2, L=7)
-    kw = dict(steps=40, lr=1e-2, autocast=torch.bfloat16, device="cuda")
-    want = train(load(family, dropout_checkpoints[family], "hf").cuda(), batch, **kw)
-    got = train(load(family, dropout_checkpoints[family], "zoo", device="cuda"), batch, **kw)
+    kw = dict(steps=30, lr=1e-2, autocast=torch.bfloat16, device=device)
+    want = train(load(family, dropout_checkpoints[family], "hf").to(device), batch, **kw)
+    got = train(load(family, dropout_checkpoints[family], "zoo", device=device), batch, **kw)
     tail_w, tail_g = sum(want[-5:]) / 5, sum(got[-5:]) / 5
+    assert tail_w < 0.5 * want[0], f"transformers' loss does not fall: {want[0]:.4f} -> {tail_w:.4f}"
     assert tail_g < 0.5 * got[0], f"zoo loss does not fall: {got[0]:.4f} -> {tail_g:.4f}"
-    assert abs(tail_g - tail_w) <= 0.25 * want[0], (f"zoo ends at {tail_g:.4f}, transformers at {tail_w:.4f} "
-                                                     f"(from {want[0]:.4f})")
+    assert abs(tail_g - tail_w) <= 0.15 * want[0], (f"zoo ends at {tail_g:.4f}, transformers at {tail_w:.4f} "
+                                                     f"(from {want[0]:.4f}):\n zoo {got}\n transformers {want}")
 
 
 # ------------------------------------------------------------------------------------ torch.compile
@@ -413,6 +416,46 @@ def test_compile_fullgraph_inductor_forward_matches_eager(checkpoints):
         got = compiled(**batch)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("family,device", [
+    pytest.param("bert", "cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("gpt2", "cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("bert", "cuda", marks=pytest.mark.gpu), pytest.param("gpt2", "cuda", marks=pytest.mark.gpu),
+    pytest.param("bart", "cuda", marks=pytest.mark.gpu)])
+def test_compile_fullgraph_through_the_custom_ops(family, device, checkpoints):
+    """A kernel backend under torch.compile: the graph holds fastlayers' custom ops (forward and
+    backward of attention, layer_norm, linear), not their torch composition. On CPU through Triton's
+    interpreter (`fl.use_backend("triton")`), on CUDA the automatic choice; loss, logits and grads
+    equal the eager model's."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    seen = set()
+
+    def record(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "fastlayers" in str(n.target))
+        return make_boxed_func(gm.forward)
+
+    batch = {k: v.to(device) for k, v in make_batches(family, n=1, B=2, L=5)[0].items()}
+    eager = load(family, checkpoints[family], "zoo", device=device).train()
+    model = load(family, checkpoints[family], "zoo", device=device).train()
+    want = eager(**batch)
+    want.loss.backward()
+    torch._dynamo.reset()
+    with fl.use_backend("triton" if device == "cpu" else None):
+        compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+        got = compiled(**batch)
+        got.loss.backward()
+    ops = {f"fastlayers.{op}_{d}.default" for op in ("attention", "layer_norm", "linear") for d in ("fwd", "bwd")}
+    assert ops <= seen, f"custom ops missing from the compiled graphs: {sorted(ops - seen)} (seen {sorted(seen)})"
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    gw, gg = _grads(eager), _grads(model)
+    for k in gw:
+        torch.testing.assert_close(gg[k], gw[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {k}: {m}")
 
 
 @needs_patch
