@@ -267,7 +267,8 @@ class _BartStack(nn.Module):
         if attention_mask is not None:
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L):
                 raise ValueError(f"{mask_name}: expected a (B, L) = {(B, L)} padding mask (1 = token, 0 = padding), "
-                                 f"got shape {tuple(attention_mask.shape)} (3-D/4-D masks are not supported)")
+                                 f"got shape {tuple(attention_mask.shape)}"
+                             + (" (3-D/4-D masks are not supported)" if attention_mask.dim() != 2 else ""))
             mask = attention_mask.to(device).bool()
         return mask, torch.arange(L, device=device)[None]
 

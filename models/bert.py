@@ -257,8 +257,8 @@ class BertModel(BertPreTrainedModel):
         if attention_mask is not None:
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L):
                 raise ValueError(f"attention_mask: expected a (B, L) = {(B, L)} padding mask (1 = token, "
-                                 f"0 = padding), got shape {tuple(attention_mask.shape)} (3-D/4-D masks are "
-                                 "not supported)")
+                                 f"0 = padding), got shape {tuple(attention_mask.shape)}"
+                                 + (" (3-D/4-D masks are not supported)" if attention_mask.dim() != 2 else ""))
             key_padding_mask = attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         x, hidden, attns = self.encoder(x, key_padding_mask, output_hidden_states, output_attentions)

@@ -308,7 +308,7 @@ def _common_checks(epochs, lr, batch_size, eval_fraction, warmup_ratio, weight_d
     _positive(lr, "lr", float)
     _positive(batch_size, "batch_size")
     if _fraction(eval_fraction, "eval_fraction") == 0:
-        raise FinetuneError("eval_fraction: expected a number in (0, 1): the held-out split cannot be empty, got 0")
+        raise FinetuneError("eval_fraction: expected a number in (0, 1) (the held-out split cannot be empty), got 0")
     _fraction(warmup_ratio, "warmup_ratio")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise FinetuneError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")

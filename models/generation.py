@@ -506,7 +506,7 @@ class GenerationMixin:
         pad_token_id. GenerateOutput when return_dict_in_generate.
         Raises ValueError (naming the argument) for settings it cannot honour.
         """
-        gc = (generation_config or self._generation_defaults()).updated(**kwargs)
+        gc = _as_generation_config(generation_config or self._generation_defaults()).updated(**kwargs)
         gc.validate()
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids: expected a (B, P) int64 tensor, got "
@@ -545,7 +545,8 @@ class GenerationMixin:
             raise ValueError(f"max_length: the prompt has {P} tokens, so max_length={gc.max_length} leaves no "
                              "room; set max_new_tokens")
         if P + max_new - 1 > self.max_positions:
-            raise ValueError(f"max_new_tokens: {P} prompt + {max_new} new tokens need {P + max_new - 1} positions, "
+            what = "max_new_tokens" if gc.max_new_tokens is not None else "max_length"
+            raise ValueError(f"{what}: {P} prompt + {max_new} new tokens need {P + max_new - 1} positions, "
                              f"the model has {self.max_positions}")
         if expand > 1:
             prompt, pmask = prompt.repeat_interleave(expand, 0), pmask.repeat_interleave(expand, 0)
@@ -553,7 +554,7 @@ class GenerationMixin:
         graph = (device.type == "cuda") if use_cuda_graph is None else bool(use_cuda_graph)
         if graph and device.type != "cuda":
             raise ValueError(f"use_cuda_graph: needs a CUDA model, this one is on {device}")
-        keep_scores = gc.output_scores and gc.num_beams == 1
+        keep_scores = bool(gc.output_scores and gc.return_dict_in_generate)
         if streamer is not None or keep_scores:
             sync_every, graph = 1, False
         enc_len = input_ids.shape[1] if self.is_encoder_decoder else 0
@@ -573,7 +574,7 @@ class GenerationMixin:
             logits = self._prefill(prompt, pmask.long(), position_ids, st.cache)
             st.cache.seqlens.fill_(P)
             if scores is not None:
-                scores.append(_process(logits.float(), st.tokens, st.cur, s, st.cache.leftpad))
+                scores.append(_scores_of(logits, st, s))
             advance(logits, st, s)
             if streamer is not None:
                 _stream(streamer, st.next_ids[:, 0].to("cpu", copy=True))
@@ -632,7 +633,7 @@ class GenerationMixin:
         logits = self._decode_step(st.next_ids, st.positions, st.cache)
         st.cache.seqlens += 1
         if scores is not None:
-            scores.append(_process(logits.float(), st.tokens, st.cur, s, st.cache.leftpad))
+            scores.append(_scores_of(logits, st, s))
         advance(logits, st, s)
 
     def _step(self, st: _DecodeState, s: _Settings, advance, graph: bool, scores=None) -> None:
@@ -652,6 +653,30 @@ class GenerationMixin:
             st.graph = g
             return
         st.graph.replay()
+
+
+def _scores_of(logits: Tensor, st: _DecodeState, s: _Settings) -> Tensor:
+    """What transformers returns as a step's `scores`: the processed scores (greedy/sampling), the
+    processed log-probabilities (beam search; before the running beam scores are added)."""
+    x = logits.float()
+    if s.num_beams > 1:
+        x = torch.log_softmax(x, -1)
+    return _process(x, st.tokens, st.cur, s, st.cache.leftpad)
+
+
+def _as_generation_config(gc) -> GenerationConfig:
+    """Ours, or transformers' GenerationConfig converted: its non-default fields must all be ones
+    fastlayers implements (else TypeError naming them, rather than ignoring them)."""
+    if isinstance(gc, GenerationConfig):
+        return gc
+    if not hasattr(gc, "to_diff_dict"):
+        raise TypeError(f"generation_config: expected a GenerationConfig (fastlayers' or transformers'), got "
+                        f"{type(gc).__name__}")
+    d = {k: v for k, v in gc.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    unknown = sorted(k for k in d if k not in GenerationConfig.field_names())
+    if unknown:
+        raise TypeError(f"generation_config: fields fastlayers does not implement are set: {unknown}")
+    return GenerationConfig.from_dict(d)
 
 
 def _stream(streamer, tokens: Tensor) -> None:

@@ -224,7 +224,8 @@ def _padding_mask(attention_mask, B: int, L: int):
         return None
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L):
         raise ValueError(f"attention_mask: expected a (B, L) = {(B, L)} padding mask (1 = token, 0 = padding), "
-                         f"got shape {tuple(attention_mask.shape)} (3-D/4-D masks are not supported)")
+                         f"got shape {tuple(attention_mask.shape)}"
+                             + (" (3-D/4-D masks are not supported)" if attention_mask.dim() != 2 else ""))
     return attention_mask.bool()
 
 

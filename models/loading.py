@@ -143,10 +143,22 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
+def _check_device(device) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but this torch sees no CUDA GPU "
+                         f"(torch {torch.__version__}, CUDA {torch.version.cuda})")
+
+
 def as_dtype(dtype, config: Optional[ModelConfig] = None) -> torch.dtype:
-    """None -> torch's default dtype; "auto" -> the checkpoint's (config.dtype, else float32)."""
+    """None or "auto" -> the checkpoint's (config.dtype, else float32), as transformers 5 loads."""
     if dtype is None:
-        return torch.get_default_dtype()
+        dtype = "auto"
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
@@ -281,7 +293,8 @@ class PreTrainedModel(nn.Module):
         """Loads a local Hugging Face folder.
 
         model_dir: a folder with config.json and weights (see module doc), or "minilm".
-        dtype: None -> torch's default (float32); "auto" -> the checkpoint's; or a float dtype.
+        dtype: None or "auto" -> the checkpoint's (config.json's `dtype`/`torch_dtype`, else
+            float32), as transformers 5; or a float dtype / its name. (`torch_dtype=` is accepted.)
         device: where the parameters live (default CPU).
         config: a config to use instead of model_dir/config.json; config_overrides: fields to set,
             as transformers' kwargs (e.g. num_labels=3, hidden_dropout_prob=0.0).
@@ -292,6 +305,11 @@ class PreTrainedModel(nn.Module):
         Raises ValueError (not a folder), FileNotFoundError (no config/weights), ConfigError
         (unsupported config), CheckpointError (tensors that do not fit, all listed).
         """
+        if "torch_dtype" in config_overrides:           # transformers' older name of `dtype`
+            if dtype is not None:
+                raise TypeError("from_pretrained: pass dtype or torch_dtype, not both")
+            dtype = config_overrides.pop("torch_dtype")
+        _check_device(device)
         path = resolve_model_dir(model_dir)
         if config is None:
             config = cls.config_class.from_pretrained(path, **config_overrides)
@@ -360,7 +378,8 @@ class PreTrainedModel(nn.Module):
         mismatched = sorted(k for k in ckpt if k in expected and tuple(ckpt[k].shape) != expected[k])
         errors = []
         bad_missing = [k for k in missing if in_body(k) and not optional(k)]
-        bad_unexpected = [k for k in unexpected if in_body(k) or (not self.is_base_model and k.startswith(bp))]
+        bad_unexpected = [k for k in unexpected if (in_body(k) or (not self.is_base_model and k.startswith(bp)))
+                          and not optional(k)]      # e.g. a classifier's pooler, unused by a token head
         if bad_missing:
             errors.append(f"missing {len(bad_missing)}: {bad_missing}")
         if bad_unexpected:

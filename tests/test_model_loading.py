@@ -540,7 +540,12 @@ def test_dtype_and_device(tmp_path):
     ref.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     auto = flm.BertModel.from_pretrained(tmp_path / "bf16", dtype="auto")
     assert auto.dtype == torch.bfloat16
-    assert flm.BertModel.from_pretrained(tmp_path / "bf16").dtype == torch.float32
+    # the default follows the checkpoint, as transformers 5 does; a dtype given wins
+    assert flm.BertModel.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+    assert flm.BertModel.from_pretrained(tmp_path / "bf16", dtype=torch.float32).dtype == torch.float32
+    assert flm.BertModel.from_pretrained(tmp_path / "bf16", torch_dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="device"):
+        flm.BertModel.from_pretrained(tmp_path, device="not-a-device")
 
 
 # ------------------------------------------------------------------------------- config
