@@ -340,23 +340,6 @@ class BartPreTrainedModel(PreTrainedModel):
         if isinstance(module, BartForConditionalGeneration):
             module.final_logits_bias.zero_()
 
-    def _post_init(self) -> None:
-        """Random init as transformers (a meta-device construction skips it: from_pretrained loads)."""
-        if next(self.parameters()).device.type != "meta":
-            with torch.no_grad():
-                self.init_weights()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        """Recomputes each encoder/decoder layer in the backward (torch.utils.checkpoint, non-reentrant)."""
-        for m in self.modules():
-            if isinstance(m, _BartStack):
-                m.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        for m in self.modules():
-            if isinstance(m, _BartStack):
-                m.gradient_checkpointing = False
-
     def get_encoder(self) -> BartEncoder:
         return self._bart().encoder
 

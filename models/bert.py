@@ -188,24 +188,6 @@ class BertPreTrainedModel(PreTrainedModel):
         if isinstance(module, BertLMPredictionHead):
             module.bias.zero_()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        """Recomputes each layer in the backward (torch.utils.checkpoint, non-reentrant)."""
-        for m in self.modules():
-            if isinstance(m, BertEncoder):
-                m.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        for m in self.modules():
-            if isinstance(m, BertEncoder):
-                m.gradient_checkpointing = False
-
-    def _post_init(self) -> None:
-        """Random init as transformers (a meta-device construction skips it: from_pretrained loads)."""
-        if next(self.parameters()).device.type != "meta":
-            with torch.no_grad():
-                self.init_weights()
-
-
 class BertModel(BertPreTrainedModel):
     """The BERT encoder: embeddings, layers and (add_pooling_layer) the tanh pooler on [CLS]."""
 

@@ -590,7 +590,7 @@ class GenerationMixin:
         if gc.num_beams > 1:
             bs = st.beams
             n = gc.num_return_sequences
-            seqs = bs.sequences[:, :n].reshape(B * n, -1)
+            seqs = bs.sequences[:, :n].flip(1).reshape(B * n, -1)
             gen_len = int((bs.beam_indices[:, :n] != -1).sum(-1).max())
             out = seqs[:, : P + gen_len].clone()
             seq_scores = bs.beam_scores[:, :n].reshape(-1).clone()

@@ -121,22 +121,6 @@ class GPT2PreTrainedModel(PreTrainedModel):
             # GPT-2's scaled init of the residual projections: std / sqrt(2 * n_layer)
             module.c_proj.weight.normal_(0.0, self.config.initializer_range / (2 * self.config.n_layer) ** 0.5)
 
-    def _post_init(self) -> None:
-        if next(self.parameters()).device.type != "meta":
-            with torch.no_grad():
-                self.init_weights()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        for m in self.modules():
-            if isinstance(m, GPT2Model):
-                m.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        for m in self.modules():
-            if isinstance(m, GPT2Model):
-                m.gradient_checkpointing = False
-
-
 class GPT2Model(GPT2PreTrainedModel):
     """GPT-2 body: wte + wpe, n_layer pre-norm blocks, ln_f."""
 

@@ -279,6 +279,32 @@ class PreTrainedModel(nn.Module):
         self.tie_weights()
         return self
 
+    def _post_init(self) -> None:
+        """Random init as transformers, at the end of a model's __init__ (a meta-device construction,
+        as from_pretrained does, skips it: the checkpoint is loaded instead)."""
+        if next(self.parameters()).device.type != "meta":
+            with torch.no_grad():
+                self.init_weights()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Recomputes each layer in the backward (torch.utils.checkpoint, non-reentrant): every layer
+        stack of the model (a module with a `gradient_checkpointing` flag) is switched.
+        gradient_checkpointing_kwargs: transformers' argument; `use_reentrant` may be given (either value
+        gives the same results; the non-reentrant variant always runs), nothing else."""
+        kw = dict(gradient_checkpointing_kwargs or {})
+        kw.pop("use_reentrant", None)
+        if kw:
+            raise ValueError(f"gradient_checkpointing_kwargs: only 'use_reentrant' is supported, got {sorted(kw)}")
+        self._set_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_checkpointing(False)
+
+    def _set_checkpointing(self, flag: bool) -> None:
+        for m in self.modules():
+            if isinstance(getattr(m, "gradient_checkpointing", None), bool):
+                m.gradient_checkpointing = flag
+
     def _init_keys(self, keys) -> None:
         """Initialises the modules owning the given (internal) parameter keys."""
         owners = {k.rpartition(".")[0] for k in keys}

@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs torch on one thread: the tensors and models are tiny, and intra-op threads
+    cost more than the math on a loaded 2-core runner (up to 30x measured); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different seed per test, so no two tests share inputs; stable per test id for reproducible
     # failures, and shifted by FASTLAYERS_TEST_SEED to draw fresh inputs on demand.

@@ -68,15 +68,6 @@ HEADS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads cost more than the math on a loaded 2-core runner
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_config(name: str = "d24-e2x3-d3x4-gelu", **overrides) -> hf.BartConfig:
     kw = dict(CONFIGS[name], **NO_DROPOUT)
     kw.update(overrides)

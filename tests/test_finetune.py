@@ -54,15 +54,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core runner: intra-op threads cost more than the math
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_checkpoint(directory, family: str, dropout: bool = False, seed: int = 0):
     """transformers' model of the family with perturbed random weights, saved by save_pretrained."""
     cfg_cls, kw, hf_cls, _ = FAMILIES[family]

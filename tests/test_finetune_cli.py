@@ -39,14 +39,6 @@ SHORT_RUN = ["--epochs", "1", "--lr", "2e-4", "--batch-size", "16", "--max-lengt
 GPT2_EOS = "<|endoftext|>"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cli(*argv) -> tuple:
     """(exit status, stdout, stderr) of `fastlayers ARGV` run in this process."""
     out, err = io.StringIO(), io.StringIO()

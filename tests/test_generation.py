@@ -37,15 +37,6 @@ V = GEN_CONFIG["vocab_size"]
 LENGTHS = [7, 4, 1]          # the left-padded batch: a full row, a half row, a one-token row
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads cost more than the math (30x on a loaded 2-core runner)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(transformers model, fastlayers model, folder): one checkpoint for the module, drawn from its

@@ -47,15 +47,6 @@ GPT2_EOS = "<|endoftext|>"
 N_POSITIONS = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads cost more than the math on a loaded 2-core runner
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def train_byte_level_bpe(folder: Path, specials: list, config: dict, template=None) -> int:
     """A byte-level BPE (GPT-2 / BART style) trained on CORPUS, saved as tokenizer.json with
     `config` as tokenizer_config.json. template: (single, pair) for a TemplateProcessing post-processor
@@ -304,7 +295,6 @@ def test_summarization_errors(bart_dir, gpt2_dir):
         summarize("x", streamer=True)
     with pytest.raises(ValueError, match="AutoModelForSeq2SeqLM supports"):
         pipeline("summarization", gpt2_dir)                               # a GPT-2 folder is no seq2seq model
-
 
 
 def test_long_documents_are_truncated(bart_dir, bart_reference):

@@ -35,14 +35,6 @@ FWD_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads cost more than the math (30x on a loaded 2-core runner)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # head -> (transformers class, fastlayers class, config overrides)
 HEADS = {
     "base": (hf.GPT2Model, flm.GPT2Model, {}),
