@@ -62,7 +62,7 @@ class StaticKVCache:
 @dataclass
 class GenerationConfig:
     """transformers' GenerationConfig fields that fastlayers implements (same names and defaults)."""
-    max_length: int = 20
+    max_length: Optional[int] = None        # None: 20 new tokens (transformers 5's default)
     max_new_tokens: Optional[int] = None
     min_length: int = 0
     min_new_tokens: Optional[int] = None
@@ -132,7 +132,9 @@ class GenerationConfig:
             return isinstance(v, int) and not isinstance(v, bool)
         if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens < 1):
             bad("max_new_tokens", "an int >= 1")
-        for name in ("max_length", "min_length", "no_repeat_ngram_size", "top_k"):
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length < 0):
+            bad("max_length", "an int >= 0 or None")
+        for name in ("min_length", "no_repeat_ngram_size", "top_k"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "an int >= 0")
         if self.min_new_tokens is not None and (not is_int(self.min_new_tokens) or self.min_new_tokens < 0):
@@ -540,7 +542,12 @@ class GenerationMixin:
                                  "with each row's last position a token); pad with padding_side='left'")
             prompt, pmask = input_ids, mask
         P = prompt.shape[1]
-        max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - P
+        if gc.max_new_tokens is not None:
+            max_new = gc.max_new_tokens
+        elif gc.max_length is not None:
+            max_new = gc.max_length - P
+        else:  # no length anywhere: 20 new tokens as transformers 5, within the model's positions
+            max_new = max(1, min(20, self.max_positions - P + 1))
         if max_new < 1:
             raise ValueError(f"max_length: the prompt has {P} tokens, so max_length={gc.max_length} leaves no "
                              "room; set max_new_tokens")
@@ -590,7 +597,7 @@ class GenerationMixin:
         if gc.num_beams > 1:
             bs = st.beams
             n = gc.num_return_sequences
-            seqs = bs.sequences[:, :n].flip(1).reshape(B * n, -1)
+            seqs = bs.sequences[:, :n].reshape(B * n, -1)
             gen_len = int((bs.beam_indices[:, :n] != -1).sum(-1).max())
             out = seqs[:, : P + gen_len].clone()
             seq_scores = bs.beam_scores[:, :n].reshape(-1).clone()

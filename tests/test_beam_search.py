@@ -68,15 +68,6 @@ EOS_BIAS = 4.0
 NEVER = BART_V - 1                        # a token never chosen: as eos_token_id, hypotheses run to the end
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads cost more than the math (30x on a loaded 2-core runner)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _bart_reference(seed: int = 20240612, eos_bias: float = EOS_BIAS, **overrides) -> hf.BartForConditionalGeneration:
     kw = dict(vocab_size=BART_V, max_position_embeddings=40, tie_word_embeddings=False, init_std=0.1,
               forced_eos_token_id=None)

@@ -228,7 +228,7 @@ def test_generation_config_json_nulls_mean_defaults(pair, tmp_path):
     assert json.loads((folder / "generation_config.json").read_text())["top_k"] is None
     ours2 = flm.GPT2LMHeadModel.from_pretrained(folder)
     gc = ours2.generation_config
-    assert (gc.top_k, gc.max_length, gc.do_sample, gc.num_beams, gc.top_p) == (50, 20, False, 1, 1.0)
+    assert (gc.top_k, gc.max_length, gc.do_sample, gc.num_beams, gc.top_p) == (50, None, False, 1, 1.0)
     want = ours.generate(ids, attention_mask=mask, max_new_tokens=6, repetition_penalty=1.3, pad_token_id=PAD)
     assert torch.equal(ours2.generate(ids, attention_mask=mask), want)
     assert torch.equal(ours2.generate(ids, attention_mask=mask, top_k=None, do_sample=None), want)
