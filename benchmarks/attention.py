@@ -161,6 +161,20 @@ def _fl_decode_build(fn, backend: str):
     return build
 
 
+def _sdpa_bshd(q, k, v):
+    """SDPA on (B, L, H, D) tensors, no mask: one decode query attends every key it is given."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _flash_decode_build(flash, *extra: str):
+    """flash_attn_with_kvcache on the decode inputs, plus the inputs named in `extra` as keywords."""
+    def build():
+        f = flash.flash_attn_with_kvcache
+        return lambda d: f(d["q"], d["k_cache"], d["v_cache"], cache_seqlens=d["cache_seqlens"], causal=True,
+                           **{name: d[name] for name in extra})
+    return build
+
+
 def decode_jobs(cfg: Config, flash, flash_why) -> list[Job]:
     out = []
     el = torch.tensor([], dtype=cfg.dtype).element_size()
@@ -179,21 +193,62 @@ def decode_jobs(cfg: Config, flash, flash_why) -> list[Job]:
         def sdpa_build(C=C):
             # one query, bottom-right causal over the valid cache = every valid key: is_causal=False
             # (SDPA's is_causal is top-left aligned and would let the query see key 0 only)
-            def call(d):
-                k, v = d["k_cache"][:, :C], d["v_cache"][:, :C]                  # (B, C, H, D) valid part
-                return F.scaled_dot_product_attention(d["q"].transpose(1, 2), k.transpose(1, 2),
-                                                      v.transpose(1, 2)).transpose(1, 2)
-            return call
+            return lambda d: _sdpa_bshd(d["q"], d["k_cache"][:, :C], d["v_cache"][:, :C])  # the valid part
         out.append(Job(impl="torch eager", build=sdpa_build, is_reference=True, skip=too_big,
                        note="SDPA on the valid cache slice", **common))
         for name, backend, fn, skip in fl_jobs_spec("attention_with_kvcache", cfg):
             out.append(Job(impl=name, build=_fl_decode_build(fn, backend), skip=too_big or skip,
                            fl_op="attention_with_kvcache", fl_backend=backend, **common))
         if cfg.gpu:
-            def build_flash():
-                f = flash.flash_attn_with_kvcache
-                return lambda d: f(d["q"], d["k_cache"], d["v_cache"], cache_seqlens=d["cache_seqlens"],
-                                   causal=True)
-            out.append(Job(impl="flash-attn", build=build_flash,
+            out.append(Job(impl="flash-attn", build=_flash_decode_build(flash),
                            skip=too_big or (flash_why if flash is None else None), **common))
+        out += paged_decode_jobs(cfg, B, C, Lmax, H, D, work, too_big, flash, flash_why)
+    return out
+
+
+PAGE_SIZES = (1, 256)   # 1: beam search's pages (a reorder moves table rows); 256: flash-attn's smallest
+
+
+def _paged_inputs(cfg: Config, B: int, C: int, Lmax: int, H: int, D: int, P: int):
+    """The decode case on shuffled pages: (num_blocks, P, H, D) caches, block_table (B, Lmax / P)."""
+    def make():
+        nblk = -(-Lmax // P)
+        pages = torch.randperm(B * nblk, device=cfg.device).to(torch.int32).view(B, nblk)
+        d = {"q": randn((B, 1, H, D), cfg),
+             "k_cache": randn((B * nblk, P, H, D), cfg), "v_cache": randn((B * nblk, P, H, D), cfg),
+             "block_table": pages, "cache_seqlens": torch.full((B,), C, dtype=torch.int32, device=cfg.device)}
+        return d
+    return make
+
+
+def paged_decode_jobs(cfg: Config, B, C, Lmax, H, D, work, too_big, flash, flash_why) -> list[Job]:
+    """Decode over a paged cache (block_table), same bytes as the plain decode row. Reference: gather
+    the logical cache, then SDPA -- what a cache without page support pays per step."""
+    out = []
+    for P in PAGE_SIZES:
+        case = {"batch": B, "cache": C, "max_len": Lmax, "heads": H, "head_dim": D, "q_len": 1, "page": P}
+        common = dict(group="attention", case=case, variant="decode paged", unit="GB/s", work=work,
+                      inputs_key=("decode paged", B, C, Lmax, H, D, P),
+                      make_inputs=_paged_inputs(cfg, B, C, Lmax, H, D, P), peak="bandwidth")
+
+        def gather_build(C=C, P=P):
+            def call(d):
+                idx = d["block_table"][:, :-(-C // P)].long()
+                k = d["k_cache"][idx].flatten(1, 2)[:, :C]                      # (B, C, H, D) gathered copy
+                return _sdpa_bshd(d["q"], k, d["v_cache"][idx].flatten(1, 2)[:, :C])
+            return call
+        out.append(Job(impl="torch eager", build=gather_build, is_reference=True, skip=too_big,
+                       note="gather the pages, then SDPA", **common))
+        for name, backend, fn, skip in fl_jobs_spec("attention_with_kvcache", cfg):
+            def build(fn=fn, backend=backend):
+                return lambda d: fn(d["q"], d["k_cache"], d["v_cache"], d["cache_seqlens"], causal=True,
+                                    block_table=d["block_table"], backend=backend)
+            out.append(Job(impl=name, build=build, skip=too_big or skip, fl_op="attention_with_kvcache",
+                           fl_backend=backend, **common))
+        if cfg.gpu:
+            why = flash_why if flash is None else (
+                None if P % 256 == 0 else f"unsupported: flash-attn's paged cache needs page_block_size % 256 == 0, "
+                                          f"got {P}")
+            out.append(Job(impl="flash-attn", build=_flash_decode_build(flash, "block_table"), skip=too_big or why,
+                           **common))
     return out

@@ -65,7 +65,8 @@ def case_label(group: str, case: dict) -> str:
         if group == "norm":
             return f"{c['norm']} {c['rows']}x{c['hidden']}"
         if group == "attention" and "cache" in c:
-            return f"B{c['batch']} cache{c['cache']}/{c.get('max_len', c['cache'])} H{c['heads']} D{c['head_dim']}"
+            page = f" page{c['page']}" if "page" in c else ""
+            return f"B{c['batch']} cache{c['cache']}/{c.get('max_len', c['cache'])} H{c['heads']} D{c['head_dim']}{page}"
         if group == "attention":
             mask = c.get("mask", "causal" if c.get("causal") else "none")
             shape = f"B{c['batch']} L{c['seqlen']} H{c['heads']} D{c['head_dim']}"

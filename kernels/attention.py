@@ -5,8 +5,8 @@ Called by pytorch_ext/ops/attention.py through exactly these functions (the laun
     attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, dropout_p, rng_state,
                   deterministic) -> (dq, dk, dv)
     attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
-                           cache_leftpad=None) -> o
-    unsupported_reason, kvcache_unsupported_reason.
+                           cache_leftpad=None, block_table=None) -> o
+    unsupported_reason, kvcache_unsupported_reason(..., block_table=None).
 Re-exports `dropout_keep_mask` / `dropout_uniform` from kernels/philox.py, the pure-torch spec of
 the dropout mask that these kernels reproduce.
 
@@ -29,6 +29,11 @@ KV cache: row b attends slots [cache_leftpad[b] (0 without it), cache_seqlens[b]
 row b whose cache_seqlens[b] < 0, cache_seqlens[b] + Lq_new > Lmax, cache_leftpad[b] < 0 or
 cache_leftpad[b] > cache_seqlens[b] + Lq_new is bad: its cache rows are not written and its output
 rows are NaN (loud, memory-safe, no host sync). Slots outside a row's window are never read.
+Paged KV cache (block_table (B, nblk) int32 contiguous, flash-attn's convention): k_cache / v_cache
+are (num_blocks, P, H, D) pages, logical slot j of row b is page block_table[b, j // P], row j % P,
+any P >= 1; the rules above hold in logical slots with Lmax = nblk * P. Only the entries of slots a
+row attends or writes are read; an entry out of [0, num_blocks) is never dereferenced: its new row
+is not written and the batch row's output rows are NaN. Two rows writing one physical slot: undefined.
 Grids: every launch puts its tile index on axis 0 (limit 2^31 - 1) and spreads the B*H heads over
 axes 1 and 2 (limit 65535 each), see _grid; the grid functions below are what the launchers use
 and what the CPU tests check against the limits at extreme shapes.
@@ -474,15 +479,19 @@ def _cache_window(SEQLENS, LEFTPAD, b, n_new, Lmax, HAS_LEFTPAD: tl.constexpr):
         first = lens * 0
     return first, tl.where(bad, 0, tl.minimum(lens, Lmax - n_new) + n_new), bad
 
-@triton.jit(do_not_specialize=["Lq", "Lmax"])
+@triton.jit(do_not_specialize=["Lq", "Lmax", "nblk", "num_blocks"])
 def _decode_append_kernel(
     KN, VN,  # (B, Lq, H, D) new keys / values
-    KC, VC,  # (B, Lmax, H, D) caches, written at rows cache_seqlens[b] + i
+    KC, VC,  # (B, Lmax, H, D) caches, or (num_blocks, P, H, D) pages with HAS_BLOCK_TABLE; written at
+             # the (logical) slots cache_seqlens[b] + i
     SEQLENS,  # (B,) int32 contiguous
     LEFTPAD,  # (B,) int32 contiguous cache_leftpad (unused without HAS_LEFTPAD)
+    BT,  # (B, nblk) int32 contiguous block_table: slot j of row b is page BT[b, j // P], row j % P
+         # (unused without HAS_BLOCK_TABLE)
     stride_knb, stride_knl, stride_knh, stride_vnb, stride_vnl, stride_vnh,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-    BH, H, Lq, Lmax, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    BH, H, Lq, Lmax, nblk, P, num_blocks,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BLOCK_TABLE: tl.constexpr,
 ):
     i = tl.program_id(0)  # new row
     bh = _head_index()
@@ -493,27 +502,40 @@ def _decode_append_kernel(
     lens = tl.load(SEQLENS + b)
     _, _, bad = _cache_window(SEQLENS, LEFTPAD, b, Lq, Lmax, HAS_LEFTPAD)
     ok = ~bad  # a bad row writes nothing
-    row = tl.where(ok, lens, 0).to(tl.int64) + i
+    if HAS_BLOCK_TABLE:
+        slot = tl.where(ok, lens, 0) + i  # logical slot, < Lmax = nblk * P when ok
+        page = tl.load(BT + b * nblk + slot // P, mask=ok, other=-1)
+        ok = ok & (page >= 0) & (page < num_blocks)  # an out-of-range page entry: this slot is skipped
+        page = tl.where(ok, page, 0).to(tl.int64)
+        k_row = page * stride_kb + (slot % P).to(tl.int64) * stride_kl
+        v_row = page * stride_vb + (slot % P).to(tl.int64) * stride_vl
+    else:
+        row = tl.where(ok, lens, 0).to(tl.int64) + i
+        k_row = b * stride_kb + row * stride_kl
+        v_row = b * stride_vb + row * stride_vl
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < tl.where(ok, HEAD_D, 0)
     kn = tl.load(KN + b * stride_knb + i.to(tl.int64) * stride_knl + h * stride_knh + offs_d, mask=mask)
     vn = tl.load(VN + b * stride_vnb + i.to(tl.int64) * stride_vnl + h * stride_vnh + offs_d, mask=mask)
-    tl.store(KC + b * stride_kb + row * stride_kl + h * stride_kh + offs_d, kn, mask=mask)
-    tl.store(VC + b * stride_vb + row * stride_vl + h * stride_vh + offs_d, vn, mask=mask)
+    tl.store(KC + k_row + h * stride_kh + offs_d, kn, mask=mask)
+    tl.store(VC + v_row + h * stride_vh + offs_d, vn, mask=mask)
 
-@triton.jit(do_not_specialize=["Lq", "Lmax", "n_new"])
+@triton.jit(do_not_specialize=["Lq", "Lmax", "n_new", "nblk", "num_blocks"])
 def _decode_split_kernel(
     Q,  # (B, Lq, H, D)
-    KC, VC,  # (B, Lmax, H, D) caches (already holding the new keys)
+    KC, VC,  # (B, Lmax, H, D) caches, or (num_blocks, P, H, D) pages with HAS_BLOCK_TABLE (already
+             # holding the new keys)
     SEQLENS,  # (B,) int32 contiguous: cache lengths before this step
     LEFTPAD,  # (B,) int32 contiguous cache_leftpad: first attended slot (unused without HAS_LEFTPAD)
+    BT,  # (B, nblk) int32 contiguous block_table (unused without HAS_BLOCK_TABLE)
     OP,  # (B, H, S, Lq, BLOCK_D) fp32 partial outputs (normalised within the split)
     LSEP,  # (B, H, S, Lq) fp32 partial log2-sum-exp2, -inf for an empty split
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
-    BH, H, Lq, Lmax, n_new, num_splits, qk_scale,
+    BH, H, Lq, Lmax, n_new, num_splits, qk_scale, nblk, P, num_blocks,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    HAS_BLOCK_TABLE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = _head_index()  # (b*H + h) * num_splits + split
@@ -542,8 +564,14 @@ def _decode_split_kernel(
     end = tl.minimum(start + chunk, seqlen)  # slots >= seqlen are never loaded
     if IS_CAUSAL:
         end = tl.minimum(end, m0 + BLOCK_M + diag)
-    k_base = KC + b * stride_kb + h * stride_kh
-    v_base = VC + b * stride_vb + h * stride_vh
+    if HAS_BLOCK_TABLE:
+        k_base = KC + h * stride_kh  # + page * stride_kb + (slot % P) * stride_kl per key
+        v_base = VC + h * stride_vh
+        bt_row = BT + b * nblk
+        page_bad = offs_n < 0  # (BLOCK_N,) False: a page entry this split reads is out of range
+    else:
+        k_base = KC + b * stride_kb + h * stride_kh
+        v_base = VC + b * stride_vb + h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -552,10 +580,21 @@ def _decode_split_kernel(
     for start_n in range(start, end, BLOCK_N):
         offs_k = start_n + offs_n
         key_ok = (offs_k >= first) & (offs_k < end)  # (BLOCK_N,)
-        k = _load_rows(k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
-                       key_ok, d_ok, EVEN_D, UPCAST)
-        v = _load_rows(v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :],
-                       key_ok, d_ok, EVEN_D, UPCAST)
+        if HAS_BLOCK_TABLE:
+            # only the entries of attended slots are read; an out-of-range one is never dereferenced
+            page = tl.load(bt_row + offs_k // P, mask=key_ok, other=0)  # (BLOCK_N,) int32
+            page_ok = (page >= 0) & (page < num_blocks)
+            page_bad = page_bad | (key_ok & ~page_ok)
+            key_ok = key_ok & page_ok
+            page = page.to(tl.int64)
+            in_page = (offs_k % P).to(tl.int64)
+            k_ptrs = k_base + (page * stride_kb + in_page * stride_kl)[:, None] + offs_d[None, :]
+            v_ptrs = v_base + (page * stride_vb + in_page * stride_vl)[:, None] + offs_d[None, :]
+        else:
+            k_ptrs = k_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+            v_ptrs = v_base + offs_k[:, None].to(tl.int64) * stride_vl + offs_d[None, :]
+        k = _load_rows(k_ptrs, key_ok, d_ok, EVEN_D, UPCAST)
+        v = _load_rows(v_ptrs, key_ok, d_ok, EVEN_D, UPCAST)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         ok = key_ok[None, :]
         if IS_CAUSAL:
@@ -572,6 +611,17 @@ def _decode_split_kernel(
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse2 = tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))
+    if HAS_BLOCK_TABLE:
+        # The causal clamp may leave this split's last slots unvisited (Lq > BLOCK_M): their page
+        # entries are checked too, so every query row of a batch row sees the same verdict.
+        chunk_end = tl.minimum(start + chunk, seqlen)
+        for start_n in range(tl.maximum(end, start), chunk_end, BLOCK_N):
+            offs_k = start_n + offs_n
+            want = (offs_k >= first) & (offs_k < chunk_end)
+            page = tl.load(bt_row + offs_k // P, mask=want, other=0)
+            page_bad = page_bad | (want & ((page < 0) | (page >= num_blocks)))
+        # A NaN partial makes the combined row NaN whatever its weight (0 * NaN = NaN): loud.
+        o = tl.where(tl.max(page_bad.to(tl.int32), 0) > 0, float("nan"), o)
     row_ok = offs_m < Lq
     part = (bh * num_splits + split) * Lq
     tl.store(OP + (part + offs_m[:, None]) * BLOCK_D + offs_d[None, :], o, mask=row_ok[:, None])
@@ -831,7 +881,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale: float,
-                           causal: bool, cache_leftpad=None, num_splits=None):
+                           causal: bool, cache_leftpad=None, block_table=None, num_splits=None):
     """Decode step -> o (B, Lq, H, D) q.dtype; writes k_new/v_new into the caches in place.
 
     Never syncs the host. Row b attends slots cache_leftpad[b] (0 when None) .. cache_seqlens[b] +
@@ -839,9 +889,27 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
     Lmax with new keys, cache_leftpad[b] < 0 or > cache_seqlens[b] + Lq_new) gets NaN output rows and
     no cache write; slots outside a row's window are never read (torch.empty garbage there cannot
     leak in). `num_splits` (extra, keyword) forces the split count, for tests; None picks it from statics.
+    block_table (B, nblk) int32 contiguous (paged cache, flash-attn's convention): k_cache, v_cache
+    are (num_blocks, P, H, D) pages and logical slot j of row b is k_cache[block_table[b, j // P],
+    j % P]; every slot above (and Lmax = nblk * P) is logical. Only the entries of attended or written
+    slots are read; one out of [0, num_blocks) is never dereferenced: that slot is not written and
+    the row's output rows are NaN.
     """
     B, Lq, H, D = q.shape
-    Lmax = k_cache.shape[1]
+    paged = block_table is not None
+    if paged:
+        _require_contiguous(block_table, "block_table")
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table: expected a (B={B}, max_num_blocks_per_seq) int32 tensor, got "
+                             f"shape {tuple(block_table.shape)} and dtype {block_table.dtype}")
+        nblk, num_blocks = block_table.shape[1], k_cache.shape[0]
+        page_size = max(1, k_cache.shape[1])  # no slot exists when k_cache.shape[1] == 0 (Lmax = 0)
+        Lmax = nblk * k_cache.shape[1]  # logical
+        bt = block_table
+    else:
+        nblk, page_size, num_blocks = 0, 1, 0  # unused without HAS_BLOCK_TABLE
+        Lmax = k_cache.shape[1]
+        bt = cache_seqlens  # never read without HAS_BLOCK_TABLE
     _require_contiguous(cache_seqlens, "cache_seqlens")
     has_pad = cache_leftpad is not None
     if has_pad:
@@ -855,11 +923,12 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
     if k_new is not None:
         n_new = Lq
         _decode_append_kernel[decode_append_grid(B, H, Lq)](
-            k_new, v_new, k_cache, v_cache, cache_seqlens, leftpad,
+            k_new, v_new, k_cache, v_cache, cache_seqlens, leftpad, bt,
             k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            B * H, H, Lq, Lmax, HEAD_D=D, BLOCK_D=block_d, HAS_LEFTPAD=has_pad, num_warps=1,
+            B * H, H, Lq, Lmax, nblk, page_size, num_blocks,
+            HEAD_D=D, BLOCK_D=block_d, HAS_LEFTPAD=has_pad, HAS_BLOCK_TABLE=paged, num_warps=1,
         )
     BM, BN, warps, stages = _decode_config(block_d, Lq)
     m_blocks = triton.cdiv(Lq, BM)
@@ -871,12 +940,12 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
     o_part = torch.empty((B, H, num_splits, Lq, block_d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, num_splits, Lq), dtype=torch.float32, device=q.device)
     _decode_split_kernel[decode_split_grid(B, H, Lq, BM, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, leftpad, o_part, lse_part,
+        q, k_cache, v_cache, cache_seqlens, leftpad, bt, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        B * H, H, Lq, Lmax, n_new, num_splits, float(softmax_scale) * _LOG2E,
+        B * H, H, Lq, Lmax, n_new, num_splits, float(softmax_scale) * _LOG2E, nblk, page_size, num_blocks,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, IS_CAUSAL=bool(causal),
-        UPCAST=_INTERPRET, HAS_LEFTPAD=has_pad, num_warps=warps, num_stages=stages,
+        UPCAST=_INTERPRET, HAS_LEFTPAD=has_pad, HAS_BLOCK_TABLE=paged, num_warps=warps, num_stages=stages,
     )
     _decode_combine_kernel[decode_combine_grid(B, H, Lq)](
         o_part, lse_part, o, cache_seqlens, leftpad, o.stride(0), o.stride(1), o.stride(2),
@@ -946,7 +1015,22 @@ def unsupported_reason(q, k, v, causal, key_padding_mask, dropout_p) -> "str | N
     return None
 
 
-def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None) -> "str | None":
+def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None,
+                               block_table=None) -> "str | None":
     others = [(n, t) for n, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new))
               if t is not None]
-    return _common_reason(q, others)
+    reason = _common_reason(q, others)
+    if reason is not None or block_table is None:
+        return reason
+    if block_table.dim() != 2 or block_table.dtype != torch.int32:
+        return (f"block_table: expected a 2-dim int32 tensor, got {block_table.dim()} dims of "
+                f"{block_table.dtype}")
+    if block_table.device != q.device:
+        return f"block_table.device: expected {q.device}, got {block_table.device}"
+    if v_cache is not None and v_cache.shape[:2] != k_cache.shape[:2]:
+        return (f"v_cache: expected k_cache's (num_blocks, page_block_size) {tuple(k_cache.shape[:2])}, "
+                f"got {tuple(v_cache.shape[:2])}")
+    if block_table.shape[1] * k_cache.shape[1] >= 2**31:  # logical slots are int32 in the kernels
+        return (f"block_table: expected max_num_blocks_per_seq * page_block_size below 2^31, got "
+                f"{block_table.shape[1]} * {k_cache.shape[1]}")
+    return None

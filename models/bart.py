@@ -105,7 +105,8 @@ class BartSelfAttention(nn.Module):
     def decode(self, x: Tensor, cache: StaticKVCache, layer_idx: int) -> Tensor:
         """x (N, 1, E): appends this token's k/v at cache.seqlens and attends the cache, causal."""
         q, k, v = self._qkv(x)                                                          # (N, 1, H, D)
-        o = fl.attention_with_kvcache(q, cache.k[layer_idx], cache.v[layer_idx], cache.seqlens, k, v, causal=True)
+        o = fl.attention_with_kvcache(q, *cache.kv(layer_idx), cache.seqlens, k, v, causal=True,
+                                      block_table=cache.block_table)
         return o.reshape(x.shape)
 
 

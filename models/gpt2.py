@@ -55,8 +55,9 @@ class GPT2Attention(nn.Module):
         q, k, v = qkv.unbind(2)                                                      # (B, T, nh, D) views
         probs = None
         if decode:
-            o = fl.attention_with_kvcache(q, cache.k[self.layer_idx], cache.v[self.layer_idx], cache.seqlens,
-                                          k, v, causal=True, softmax_scale=self.scale, cache_leftpad=cache.leftpad)
+            o = fl.attention_with_kvcache(q, *cache.kv(self.layer_idx), cache.seqlens, k, v, causal=True,
+                                          softmax_scale=self.scale, cache_leftpad=cache.leftpad,
+                                          block_table=cache.block_table)
         else:
             p = self.attn_pdrop if self.training else 0.0
             o = fl.attention(q, k, v, causal=True, softmax_scale=self.scale, key_padding_mask=key_padding_mask,

@@ -6,7 +6,8 @@ and Triton, with a plain-PyTorch reference backend.
     fl.attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, dropout_p=0.0,
                  deterministic=False, backend=None)
     fl.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *,
-                              cache_leftpad=None, causal=True, softmax_scale=None, backend=None)
+                              cache_leftpad=None, block_table=None, causal=True, softmax_scale=None,
+                              backend=None)
     fl.linear(x, weight, bias=None, *, activation=None, residual=None, backend=None)
     fl.available_backends(); fl.last_backend(op); with fl.use_backend("triton"): ...
     fl.patch(hf_model, *, strict=True, backend=None) / fl.unpatch(hf_model): fastlayers inside a

@@ -62,6 +62,7 @@ SIGNATURES: dict[str, tuple] = {
     "fl_attention_kvcache_workspace_size": (c_i32, [c_i64, c_i64, c_i64, c_i64, c_i64, c_size_p]),
     "fl_attention_kvcache_fwd": (c_i32, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
                                          c_ptr, c_i64, c_i64, c_i64, c_ptr, c_ptr,
+                                         c_ptr, c_i64, c_i64, c_i64,
                                          c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_i64,
                                          c_ptr, c_i64, c_i64, c_i64, c_ptr, ctypes.c_size_t,
                                          c_i64, c_i64, c_i64, c_i64, c_i64,

@@ -326,7 +326,8 @@ def test_cuda_bridge_refuses_a_library_without_leftpad():
         assert "cache_leftpad" in CA._kvcache_abi_reason()
         with pytest.raises(RuntimeError, match="stale build"):
             CA.attention_with_kvcache(*([None] * 6), 0.1, True)
-    with mock.patch.object(_cuda, "build_info", return_value={"attention_kvcache_leftpad": True}):
+    with mock.patch.object(_cuda, "build_info", return_value={"attention_kvcache_leftpad": True,
+                                                                "attention_kvcache_paged": True}):
         assert CA._kvcache_abi_reason() is None
     sig = _cuda.SIGNATURES["fl_attention_kvcache_fwd"][1]
     assert sig[12:14] == [_cuda.c_ptr, _cuda.c_ptr], "cache_seqlens, cache_leftpad: two device pointers"

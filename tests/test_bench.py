@@ -252,9 +252,11 @@ class StandIns:
         return o.transpose(1, 2)
 
     def attention_with_kvcache(self, q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, causal=True,
-                               softmax_scale=None, backend=None):
+                               softmax_scale=None, block_table=None, backend=None):
         self._record("attention_with_kvcache", backend, q=q, k_cache=k_cache, cache_seqlens=cache_seqlens,
-                     k_new=k_new, causal=causal)
+                     k_new=k_new, causal=causal, block_table=block_table)
+        if block_table is not None:  # the logical caches of a paged one
+            k_cache, v_cache = (t[block_table.long()].flatten(1, 2) for t in (k_cache, v_cache))
         outs = []
         for b in range(q.shape[0]):
             n = k_cache.shape[1] if self.fault == "decode attends every slot" else int(cache_seqlens[b])
@@ -307,7 +309,7 @@ FAULTS = {
     "layer_norm returns x, not x + residual": ("norm", lambda c, v: v == "fwd_residual"),
     "attention ignores causal": ("attention", lambda c, v: c.get("mask") == "causal"),
     "attention ignores key_padding_mask": ("attention", lambda c, v: c.get("mask") == "padding"),
-    "decode attends every slot": ("attention", lambda c, v: v == "decode"),
+    "decode attends every slot": ("attention", lambda c, v: v.startswith("decode")),
     "linear drops the activation": ("linear", lambda c, v: True),
     "linear drops the residual": ("linear", lambda c, v: c["residual"]),
 }
@@ -367,6 +369,15 @@ def _check_call(group, case, variant, op, kw, backend):
         assert op == "attention_with_kvcache"
         assert tuple(kw["q"].shape) == (case["batch"], case["q_len"], case["heads"], case["head_dim"])
         assert tuple(kw["k_cache"].shape) == (case["batch"], case["max_len"], case["heads"], case["head_dim"])
+        assert kw["cache_seqlens"].tolist() == [case["cache"]] * case["batch"] and kw["k_new"] is None
+    elif group == "attention" and variant == "decode paged":
+        assert op == "attention_with_kvcache"
+        P = case["page"]
+        pages = -(-case["max_len"] // P)
+        assert tuple(kw["q"].shape) == (case["batch"], case["q_len"], case["heads"], case["head_dim"])
+        assert tuple(kw["k_cache"].shape) == (case["batch"] * pages, P, case["heads"], case["head_dim"])
+        assert tuple(kw["block_table"].shape) == (case["batch"], pages)
+        assert sorted(kw["block_table"].flatten().tolist()) == list(range(case["batch"] * pages))
         assert kw["cache_seqlens"].tolist() == [case["cache"]] * case["batch"] and kw["k_new"] is None
     elif group == "attention":
         assert op == "attention"
@@ -440,6 +451,12 @@ def _oracle(group, case, variant, d):
         if variant == "decode":
             n = case["cache"]
             q, k, v, allow = d["q"], d["k_cache"][:, :n], d["v_cache"][:, :n], None
+        elif variant == "decode paged":  # the logical caches slot by slot, from the table
+            n, P = case["cache"], case["page"]
+            B, H, D = case["batch"], case["heads"], case["head_dim"]
+            k, v = (torch.stack([torch.stack([t[int(d["block_table"][b, j // P]), j % P] for j in range(n)])
+                                 for b in range(B)]) for t in (d["k_cache"], d["v_cache"]))
+            q, allow = d["q"], None
         else:
             q, k, v = d["q"], d["k"], d["v"]
             L = case["seqlen"]

@@ -5,6 +5,9 @@
 // Layouts (all tensors row-major in the last dim, head dim D contiguous):
 //   q, o (B, Lq, H, D), k, v (B, Lk, H, D) with (b, l, h) strides in elements;
 //   lse, delta (B, H, Lq) fp32 contiguous; key_padding_mask (B, Lk) uint8 with (b, l) strides.
+//   Paged kv-cache (Params::block_table): k, v (num_blocks, P, H, D) pages, logical slot j of batch
+//   b at page block_table[b, j / P], row j % P (load_kv_tiles_paged); only the forward split kernel
+//   and the append kernel of attention_fwd.cu read them.
 // Grids (launch_grid): axis x (limit 2^31 - 1) carries tiles, axes y and z (limit 65535 each) the
 // flattened (b, h[, split]) index, so every size the ABI accepts launches (B*H up to 65535^2).
 // Masked keys (key_padding_mask, kv-cache slots past a row's length or before its cache_leftpad) are
@@ -93,6 +96,13 @@ struct Params {
   const int32_t* seqlens_k;                 // kvcache: per-batch key count = seqlens_k[b] + seqlens_add
   int seqlens_add;
   const int32_t* leftpad_k;                 // kvcache: first attended slot per batch (cache_leftpad), or nullptr
+  // kvcache, paged (flash-attn's block_table): logical slot j of batch b lives at page
+  // block_table[b * table_stride + j / page_size], row j % page_size; k / v then point at page 0
+  // with k_b / v_b = the page stride and k_l / v_l = the row stride inside a page. nullptr = not paged.
+  const int32_t* block_table;               // (B, table_stride) int32 contiguous
+  int64_t table_stride;                     // max_num_blocks (row stride of block_table)
+  int page_size;                            // P >= 1; Lk = table_stride * P (the logical Lmax)
+  int num_blocks;                           // pages in the caches (clamped to 2^31 - 1): valid ids [0, num_blocks)
   float scale;        // softmax scale
   float scale_log2;   // scale * log2(e): scores live in the exp2 domain
   int causal;         // bottom-right aligned: query i attends key j iff j <= i + Lk - Lq
@@ -224,6 +234,48 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   }
 }
 
+// Paged K/V (p.block_table != nullptr): rows [row0, row0 + ROWS) of one head's LOGICAL key slots
+// into sK and sV (row stride D + 8); k, v point at page 0 of that head. Slot j is read at
+// k + table[j / P] * k_b + (j % P) * k_l (same for v), so K and V share one table read and one
+// division per chunk. Rows outside [row_lo, nrows) are zero-filled without being read (as in
+// load_tile_async); a row whose page id is out of [0, num_blocks) is never dereferenced: its smem
+// rows are set to NaN with plain stores (visible after the __syncthreads that precedes every use,
+// like the cp.async rows), so a lookup the caller's page check missed would still be loud. All 128
+// threads take part.
+template <typename T> __device__ __forceinline__ uint32_t nan_pair();
+template <> __device__ __forceinline__ uint32_t nan_pair<__half>() { return 0x7e007e00u; }
+template <> __device__ __forceinline__ uint32_t nan_pair<__nv_bfloat16>() { return 0x7fc07fc0u; }
+
+__device__ __forceinline__ bool page_in_range(const Params& p, int32_t page) {
+  return static_cast<uint32_t>(page) < static_cast<uint32_t>(p.num_blocks);  // page < 0 wraps high
+}
+
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_kv_tiles_paged(T* sK, T* sV, const T* k, const T* v, const Params& p,
+                                                    const int32_t* table, int row0, int nrows, int row_lo) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += kNumThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8, j = row0 + r;
+    T* dk = sK + r * (D + 8) + col;
+    T* dv = sV + r * (D + 8) + col;
+    if (j < nrows && j >= row_lo) {
+      const int page_idx = j / p.page_size, in_page = j - page_idx * p.page_size;
+      const int32_t page = __ldg(table + page_idx);
+      if (page_in_range(p, page)) {
+        cp_async_16(dk, k + page * p.k_b + static_cast<int64_t>(in_page) * p.k_l + col, 16);
+        cp_async_16(dv, v + page * p.v_b + static_cast<int64_t>(in_page) * p.v_l + col, 16);
+      } else {
+        const uint32_t n = nan_pair<T>();
+        *reinterpret_cast<uint4*>(dk) = make_uint4(n, n, n, n);
+        *reinterpret_cast<uint4*>(dv) = make_uint4(n, n, n, n);
+      }
+    } else {
+      cp_async_16(dk, k, 0);
+      cp_async_16(dv, v, 0);
+    }
+  }
+}
+
 // ------------------------------------------------------------------ warp GEMMs
 // Every warp GEMM below computes a 16-row slab: acc[N/8][4] += A (16 x K) * B (K x N), where acc
 // is in the C layout (acc[j] covers columns 8j..8j+7).
@@ -344,6 +396,20 @@ __device__ __forceinline__ int keys_of_batch(const Params& p, int b) {
 __device__ __forceinline__ int first_key_of_batch(const Params& p, int b) {
   if (p.leftpad_k == nullptr || kv_bad(p, b)) return 0;
   return p.leftpad_k[b];
+}
+
+// Paged kvcache: whether any page id of batch b covering logical slots [lo, hi) is out of
+// [0, num_blocks); reads only those entries. Every thread of the CTA must call it (a barrier).
+__device__ __forceinline__ bool pages_bad_cta(const Params& p, int b, int lo, int hi) {
+  bool bad = false;
+  if (lo < hi) {
+    const int32_t* table = p.block_table + b * p.table_stride;
+    const int last = (hi - 1) / p.page_size;
+#pragma unroll 4
+    for (int e = lo / p.page_size + static_cast<int>(threadIdx.x); e <= last; e += blockDim.x)
+      bad |= !page_in_range(p, __ldg(table + e));
+  }
+  return __syncthreads_or(bad) != 0;
 }
 
 // Whether query i may attend key j (batch b, keys k_first .. nk - 1; causal on the absolute j).

@@ -14,6 +14,11 @@
 // in fp32), then combines them.  No host synchronisation: the split count depends on host-known
 // sizes only.  A batch row with a bad length (< 0, or + new rows > Lmax) or a bad cache_leftpad (< 0,
 // or > length + new rows) writes nothing to the caches and gets NaN output rows.
+// Paged caches (block_table, flash-attn's convention): the same steps on logical slots. Every CTA of
+// the split pass first checks the page ids covering its share of the row's attended slots (pages_bad_cta,
+// a barrier): a row with one out of range reads no page and gets NaN output rows (split-KV: its
+// partials are o = NaN with lse = +inf, which the combine turns into NaN whatever the other splits
+// hold); the append writes each new row whose own page id is in range.
 // fl_attention_grid: the launch grid of every attention kernel (launch_grid), for tests.
 #include <algorithm>
 #include <cmath>
@@ -37,7 +42,8 @@ constexpr int fwd_smem_bytes() {
   return (Tr::kBlockM + 4 * Tr::kBlockN) * Tr::kStride * static_cast<int>(sizeof(T));
 }
 
-template <int D, typename T>
+// Paged = p.block_table != nullptr (kv-cache only): the K/V tiles come from the pages of the row.
+template <int D, typename T, bool Paged>
 __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params p) {
   using Tr = Traits<D>;
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, LD = Tr::kStride;
@@ -73,36 +79,57 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
     tile_begin = first_tile + split * per_split;
     tile_end = min(tile_end, tile_begin + per_split);
   }
+  // Paged: the page ids of this split's share of the row's attended slots -- all of its tiles,
+  // causal or not, so every CTA of the row (each query tile, each split) turns NaN on the same ids.
+  // The loads below stay inside it. (A new row written below k_first, in the left padding, is not
+  // attended: the append skips it when its page id is out of range, and the output is unaffected.)
+  bool pages_bad = false;
+  if constexpr (Paged) {
+    int lo = k_first, hi = nk;
+    if (p.num_splits > 1) {
+      const int per_split = (n_tiles - first_tile + p.num_splits - 1) / p.num_splits;
+      if (split > 0) lo = (first_tile + split * per_split) * BN;
+      hi = min(hi, (first_tile + (split + 1) * per_split) * BN);
+    }
+    pages_bad = pages_bad_cta(p, b, lo, hi);
+  }
 
   const bool split_out = p.num_splits > 1;
   const int64_t bh_row = (static_cast<int64_t>(b) * p.H + h) * nq;  // row base of (B, H, Lq) arrays
   const int64_t part_row = (static_cast<int64_t>(split) * p.B * p.H) * nq + bh_row;
   T* out = static_cast<T*>(p.o) + b * p.o_b + h * p.o_h;
 
-  if (tile_begin >= tile_end) {  // no key for any row of this CTA (or an empty split)
-    // A bad kv-cache length is loud: NaN rows (with split-KV the combine kernel writes them).
-    const float fill = kv_bad(p, b) ? nan_f() : 0.f;
+  if (tile_begin >= tile_end || pages_bad) {  // no key for any row of this CTA (or an empty split)
+    // A bad kv-cache length is loud: NaN rows (with split-KV the combine kernel writes them). A bad
+    // page id too: NaN rows, or split partials o = NaN, lse = +inf (the combine's weights all turn NaN).
+    const float fill = pages_bad || kv_bad(p, b) ? nan_f() : 0.f;
     for (int c = threadIdx.x; c < BM * D; c += kNumThreads) {
       const int r = c / D, d = c % D, i = m0 + r;
       if (i >= nq) continue;
-      if (split_out) p.o_part[(part_row + i) * D + d] = 0.f;
+      if (split_out) p.o_part[(part_row + i) * D + d] = pages_bad ? nan_f() : 0.f;
       else out[i * p.o_l + d] = from_float<T>(fill);
       if (d == 0) {
-        if (split_out) p.lse_part[part_row + i] = -kInf;
-        else if (p.lse != nullptr) p.lse[bh_row + i] = kInf;
+        if (split_out) p.lse_part[part_row + i] = pages_bad ? kInf : -kInf;
+        else if (p.lse != nullptr) p.lse[bh_row + i] = pages_bad ? nan_f() : kInf;
       }
     }
     return;
   }
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_b + h * p.q_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_b + h * p.k_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_b + h * p.v_h;
+  // Paged: k, v at page 0 of head h (the batch is in the table); else at batch b.
+  const T* k = static_cast<const T*>(p.k) + (Paged ? 0 : b * p.k_b) + h * p.k_h;
+  const T* v = static_cast<const T*>(p.v) + (Paged ? 0 : b * p.v_b) + h * p.v_h;
+  const int32_t* table = Paged ? p.block_table + b * p.table_stride : nullptr;  // (max_num_blocks,)
 
   const uint8_t* kpm = p.kpm != nullptr ? p.kpm + b * p.kpm_b : nullptr;  // masked keys: zero-filled
   load_tile_async<BM, D>(sQ, q, p.q_l, m0, nq);
-  load_tile_async<BN, D>(sK, k, p.k_l, tile_begin * BN, nk, kpm, p.kpm_l, k_first);
-  load_tile_async<BN, D>(sV, v, p.v_l, tile_begin * BN, nk, kpm, p.kpm_l, k_first);
+  if constexpr (Paged) {  // (no key_padding_mask on the kv-cache path)
+    load_kv_tiles_paged<BN, D>(sK, sV, k, v, p, table, tile_begin * BN, nk, k_first);
+  } else {
+    load_tile_async<BN, D>(sK, k, p.k_l, tile_begin * BN, nk, kpm, p.kpm_l, k_first);
+    load_tile_async<BN, D>(sV, v, p.v_l, tile_begin * BN, nk, kpm, p.kpm_l, k_first);
+  }
   cp_async_commit();
 
   float acc[D / 8][4];
@@ -113,8 +140,13 @@ __global__ void __launch_bounds__(kNumThreads) attention_fwd_kernel(const Params
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buf = (tile - tile_begin) & 1;
     if (tile + 1 < tile_end) {  // prefetch the next K/V tile into the other buffer
-      load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk, kpm, p.kpm_l, k_first);
-      load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk, kpm, p.kpm_l, k_first);
+      if constexpr (Paged) {
+        load_kv_tiles_paged<BN, D>(sK + (buf ^ 1) * BN * LD, sV + (buf ^ 1) * BN * LD, k, v, p, table,
+                                   (tile + 1) * BN, nk, k_first);
+      } else {
+        load_tile_async<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.k_l, (tile + 1) * BN, nk, kpm, p.kpm_l, k_first);
+        load_tile_async<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.v_l, (tile + 1) * BN, nk, kpm, p.kpm_l, k_first);
+      }
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -275,8 +307,10 @@ __global__ void __launch_bounds__(kNumThreads) attention_combine_kernel(const Pa
 
 // Writes k_new / v_new rows i into the caches at row cache_seqlens[b] + i; a batch row whose lengths
 // are bad (kv_bad: length < 0 or + nnew > Lmax, a bad cache_leftpad) writes nothing at all (its
-// output is NaN).
-template <typename T>
+// output is NaN). Paged: slot cache_seqlens[b] + i (logical, < Lmax) goes to row slot % P of page
+// block_table[b, slot / P]; a new row whose page id is out of range is not written (never
+// dereferenced; the split pass turns the row's output NaN when the row attends that slot).
+template <typename T, bool Paged>
 __global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64_t kn_b, int64_t kn_l,
                                            int64_t kn_h, const T* v_new, int64_t vn_b, int64_t vn_l,
                                            int64_t vn_h, int nnew, int D) {
@@ -290,8 +324,18 @@ __global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64
     const int b = static_cast<int>(idx / (static_cast<int64_t>(chunks) * p.H * nnew));
     if (kv_bad(p, b)) continue;  // p.seqlens_add == nnew
     const int row = p.seqlens_k[b] + i;
-    T* kc = const_cast<T*>(static_cast<const T*>(p.k)) + b * p.k_b + row * p.k_l + h * p.k_h + c;
-    T* vc = const_cast<T*>(static_cast<const T*>(p.v)) + b * p.v_b + row * p.v_l + h * p.v_h + c;
+    T* kc;
+    T* vc;
+    if constexpr (Paged) {
+      const int page_idx = row / p.page_size, in_page = row - page_idx * p.page_size;
+      const int32_t page = p.block_table[b * p.table_stride + page_idx];
+      if (!page_in_range(p, page)) continue;
+      kc = const_cast<T*>(static_cast<const T*>(p.k)) + page * p.k_b + static_cast<int64_t>(in_page) * p.k_l + h * p.k_h + c;
+      vc = const_cast<T*>(static_cast<const T*>(p.v)) + page * p.v_b + static_cast<int64_t>(in_page) * p.v_l + h * p.v_h + c;
+    } else {
+      kc = const_cast<T*>(static_cast<const T*>(p.k)) + b * p.k_b + row * p.k_l + h * p.k_h + c;
+      vc = const_cast<T*>(static_cast<const T*>(p.v)) + b * p.v_b + row * p.v_l + h * p.v_h + c;
+    }
     *reinterpret_cast<uint4*>(kc) = *reinterpret_cast<const uint4*>(k_new + b * kn_b + i * kn_l + h * kn_h + c);
     *reinterpret_cast<uint4*>(vc) = *reinterpret_cast<const uint4*>(v_new + b * vn_b + i * vn_l + h * vn_h + c);
   }
@@ -300,11 +344,12 @@ __global__ void attention_append_kv_kernel(const Params p, const T* k_new, int64
 template <int D, typename T>
 fl_status launch_fwd(const Params& p, cudaStream_t stream) {
   constexpr int smem = fwd_smem_bytes<D, T>();
+  const auto kernel = p.block_table != nullptr ? attention_fwd_kernel<D, T, true> : attention_fwd_kernel<D, T, false>;
   if (smem > 48 * 1024)
-    FL_CUDA_CHECK(cudaFuncSetAttribute(attention_fwd_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   LaunchGrid grid;
   FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_FWD, p.B, p.Lq, p.Lk, p.H, D, p.num_splits, &grid));
-  attention_fwd_kernel<D, T><<<to_dim3(grid), kNumThreads, smem, stream>>>(p);
+  kernel<<<to_dim3(grid), kNumThreads, smem, stream>>>(p);
   FL_RETURN_IF_ERROR(check_launch("attention_fwd_kernel"));
   if (p.num_splits > 1) {
     FL_RETURN_IF_ERROR(launch_grid(FL_ATTENTION_KERNEL_KVCACHE_COMBINE, p.B, p.Lq, p.Lk, p.H, D, p.num_splits, &grid));
@@ -394,6 +439,9 @@ static const bool g_registered = register_info("attention_head_dims", FL_ATTN_HE
 // fl_attention_kvcache_fwd takes cache_leftpad (after cache_seqlens): the Python bridge calls it only
 // when this is published, so a library built before that argument is never called with it.
 static const bool g_registered_leftpad = register_info("attention_kvcache_leftpad", "true");
+// ... and block_table, max_num_blocks, num_blocks, page_block_size after cache_leftpad: the bridge
+// calls it only when this is published (an older library would read every later argument shifted).
+static const bool g_registered_paged = register_info("attention_kvcache_paged", "true");
 #if FL_HAS_SM90A
 static const bool g_registered_impls = register_info("attention_fwd_impls", "[\"mma\", \"wgmma\"]");
 #else
@@ -491,6 +539,8 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
                                               void* k_cache, int64_t kc_b, int64_t kc_l, int64_t kc_h,
                                               void* v_cache, int64_t vc_b, int64_t vc_l, int64_t vc_h,
                                               const int32_t* cache_seqlens, const int32_t* cache_leftpad,
+                                              const int32_t* block_table, int64_t max_num_blocks,
+                                              int64_t num_blocks, int64_t page_block_size,
                                               const void* k_new, int64_t kn_b, int64_t kn_l, int64_t kn_h,
                                               const void* v_new, int64_t vn_b, int64_t vn_l, int64_t vn_h,
                                               void* o, int64_t o_b, int64_t o_l, int64_t o_h,
@@ -504,11 +554,22 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
              "fl_attention_kvcache_fwd: B, H, Lq and Lmax must be < 2^31, got B=%lld H=%lld Lq=%lld Lmax=%lld",
              (long long)B, (long long)H, (long long)Lq, (long long)Lmax);
   FL_REQUIRE((k_new == nullptr) == (v_new == nullptr), "fl_attention_kvcache_fwd: k_new and v_new must both be given or both be NULL");
+  const bool paged = block_table != nullptr;
+  if (paged) {
+    FL_REQUIRE(page_block_size >= 1 && page_block_size < (1ll << 31) && max_num_blocks >= 0 &&
+                   max_num_blocks < (1ll << 31) && num_blocks >= 0,
+               "fl_attention_kvcache_fwd: block_table needs page_block_size in [1, 2^31), max_num_blocks in [0, 2^31) "
+               "and num_blocks >= 0, got page_block_size=%lld max_num_blocks=%lld num_blocks=%lld",
+               (long long)page_block_size, (long long)max_num_blocks, (long long)num_blocks);
+    FL_REQUIRE(Lmax == max_num_blocks * page_block_size,
+               "fl_attention_kvcache_fwd: with block_table Lmax must be the logical max_num_blocks * page_block_size = "
+               "%lld, got %lld", (long long)(max_num_blocks * page_block_size), (long long)Lmax);
+  }
   if (B == 0 || Lq == 0 || H == 0) return FL_OK;
   FL_REQUIRE(cache_seqlens != nullptr, "fl_attention_kvcache_fwd: cache_seqlens is NULL");
   FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: q", q, q_b, q_l, q_h);
   FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: o", o, o_b, o_l, o_h);
-  if (Lmax > 0) {
+  if (Lmax > 0 && (!paged || num_blocks > 0)) {  // (no page at all: every used page id is out of range, none read)
     FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: k_cache", k_cache, kc_b, kc_l, kc_h);
     FL_ATTN_REQUIRE_ROWS("fl_attention_kvcache_fwd: v_cache", v_cache, vc_b, vc_l, vc_h);
   }
@@ -535,6 +596,13 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
   p.seqlens_k = cache_seqlens;
   p.seqlens_add = k_new != nullptr ? (int)Lq : 0;
   p.leftpad_k = cache_leftpad;  // NULL: every row attends from slot 0
+  if (paged) {
+    p.block_table = block_table;
+    p.table_stride = max_num_blocks;
+    p.page_size = static_cast<int>(page_block_size);
+    // page ids are int32: more pages than 2^31 - 1 make every non-negative id valid
+    p.num_blocks = static_cast<int>(std::min<int64_t>(num_blocks, 2147483647));
+  }
   p.scale = softmax_scale; p.scale_log2 = softmax_scale * 1.442695040888963407f;
   p.causal = causal != 0;
   p.dropout_rescale = 1.f;
@@ -549,7 +617,9 @@ extern "C" fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_
       if (k_new != nullptr) {
         fl::attn::LaunchGrid grid;
         FL_RETURN_IF_ERROR(fl::attn::launch_grid(FL_ATTENTION_KERNEL_KVCACHE_APPEND, B, Lq, Lmax, H, kHeadDim, 1, &grid));
-        fl::attn::attention_append_kv_kernel<scalar_t><<<fl::attn::to_dim3(grid), 256, 0, st>>>(
+        const auto append = paged ? fl::attn::attention_append_kv_kernel<scalar_t, true>
+                                  : fl::attn::attention_append_kv_kernel<scalar_t, false>;
+        append<<<fl::attn::to_dim3(grid), 256, 0, st>>>(
             p, static_cast<const scalar_t*>(k_new), kn_b, kn_l, kn_h, static_cast<const scalar_t*>(v_new),
             vn_b, vn_l, vn_h, (int)Lq, kHeadDim);
         FL_RETURN_IF_ERROR(fl::check_launch("attention_append_kv_kernel"));

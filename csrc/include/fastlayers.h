@@ -149,7 +149,8 @@ FL_API fl_status fl_attention_bwd(const void* dout, int64_t do_b, int64_t do_l, 
                                   const int64_t* rng_state, int32_t deterministic,
                                   int32_t dtype, void* stream);
 /* Bytes of fp32 workspace fl_attention_kvcache_fwd needs (split-KV partials; 0 when one split
- * suffices).  Depends on the current device's SM count; ask with the same device current. */
+ * suffices).  Depends on the current device's SM count; ask with the same device current.  With a
+ * block_table, Lmax is the logical max_num_blocks * page_block_size (as fl_attention_kvcache_fwd's). */
 FL_API fl_status fl_attention_kvcache_workspace_size(int64_t B, int64_t Lq, int64_t H, int64_t D,
                                                      int64_t Lmax, size_t* bytes);
 /* Decode step: k_cache, v_cache (B, Lmax, H, D) are written in place at rows
@@ -164,12 +165,28 @@ FL_API fl_status fl_attention_kvcache_workspace_size(int64_t B, int64_t Lq, int6
  * whose lengths are bad -- cache_seqlens[b] < 0, cache_seqlens[b] + (Lq with new keys, else 0) >
  * Lmax, cache_leftpad[b] < 0 or cache_leftpad[b] > cache_seqlens[b] + (Lq with new keys) -- gets
  * nothing written to its caches and NaN output rows (loud and memory-safe).
+ * Paged caches (flash-attn's block_table): block_table (B, max_num_blocks) int32 contiguous, or
+ * NULL (then max_num_blocks, num_blocks and page_block_size are ignored: pass 0).  Given, k_cache
+ * and v_cache are (num_blocks, page_block_size, H, D) pages -- kc_b / vc_b the page stride, kc_l /
+ * vc_l the row stride inside a page -- and row b's LOGICAL slot j is page block_table[b, j /
+ * page_block_size], row j % page_block_size (page_block_size >= 1, any value); Lmax is the logical
+ * max_num_blocks * page_block_size (required), and every rule above counts logical slots.  Only
+ * the entries covering the slots a row attends or writes ([min(cache_leftpad[b], cache_seqlens[b])
+ * with new keys, else cache_leftpad[b], .. cache_seqlens[b] + new rows)) are read.  A row with one
+ * of them out of [0, num_blocks) reads no page and gets NaN output rows (as a bad length); each of
+ * its new rows is still written when its own page id is in range (one out of range is never
+ * dereferenced).  Rows may share pages for reading (beams with a common prefix); two
+ * rows writing the same physical slot in one call is undefined.
  * fl_build_info()["attention_kvcache_leftpad"] is true in builds whose entry point takes
- * cache_leftpad (the Python bridge refuses older builds rather than shift the arguments). */
+ * cache_leftpad, and fl_build_info()["attention_kvcache_paged"] in builds that also take
+ * block_table .. page_block_size (the Python bridge refuses older builds rather than shift the
+ * arguments). */
 FL_API fl_status fl_attention_kvcache_fwd(const void* q, int64_t q_b, int64_t q_l, int64_t q_h,
                                           void* k_cache, int64_t kc_b, int64_t kc_l, int64_t kc_h,
                                           void* v_cache, int64_t vc_b, int64_t vc_l, int64_t vc_h,
                                           const int32_t* cache_seqlens, const int32_t* cache_leftpad,
+                                          const int32_t* block_table, int64_t max_num_blocks,
+                                          int64_t num_blocks, int64_t page_block_size,
                                           const void* k_new, int64_t kn_b, int64_t kn_l, int64_t kn_h,
                                           const void* v_new, int64_t vn_b, int64_t vn_l, int64_t vn_h,
                                           void* o, int64_t o_b, int64_t o_l, int64_t o_h,

@@ -6,7 +6,9 @@ contract): q (B, Lq, H, D), k/v (B, Lk, H, D), bottom-right causal, key_padding_
 every backend with its state rng_state = device int64 [seed, offset] read by the kernels at run
 time, lse (B, H, Lq) fp32 with +inf for rows that attend no key, kv-cache rows attending slots
 [cache_leftpad, length) (cache_leftpad None: from 0), rows with a bad length or left padding NaN and
-unwritten.  Outputs and workspaces are allocated here with torch.empty on the input's
+unwritten; with block_table (flash-attn's paged caches) the caches are (num_blocks, P, H, D) pages,
+every slot is logical (Lmax = block_table.shape[1] * P), a row with a used page id out of range is
+NaN too and a new row whose page id is out of range is not written.  Outputs and workspaces are allocated here with torch.empty on the input's
 device; kernels run on its current stream (csrc/attention/*.cu).  Strides are passed through as
 they are when the kernels can read them (contiguous head dim, 16-byte aligned data, (b, l, h)
 strides that are multiples of 8 elements; a size-1 dim's stride is never used); any other layout
@@ -125,21 +127,50 @@ def unsupported_reason(q, k, v, causal, key_padding_mask, dropout_p) -> str | No
     return None
 
 
-def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None) -> str | None:
+def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None, block_table=None) -> str | None:
     """Why the CUDA backend cannot run attention_with_kvcache, or None when it can (every tensor's
-    dtype, device, strides and alignment are checked, so auto selection never meets a C-side error)."""
+    dtype, device, strides and alignment are checked, so auto selection never meets a C-side error).
+    block_table: the paged caches' table (any page size runs)."""
     named = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new))
-    return _common_reason(q, tuple((n, t) for n, t in named if t is not None)) or _kvcache_abi_reason()
+    reason = _common_reason(q, tuple((n, t) for n, t in named if t is not None)) or _kvcache_abi_reason()
+    if reason is None and block_table is not None:
+        try:
+            paged_geometry(q, k_cache, block_table)
+        except (TypeError, ValueError) as e:
+            reason = str(e)
+    return reason
 
 
 def _kvcache_abi_reason() -> str | None:
-    """fl_attention_kvcache_fwd gained cache_leftpad after cache_seqlens: a library built before that
-    (no "attention_kvcache_leftpad" in its build info) would read every later argument shifted by
-    one, so it is never called."""
-    if not _cuda.build_info().get("attention_kvcache_leftpad", False):
-        return (f"{_cuda.LIB_NAME} predates fl_attention_kvcache_fwd's cache_leftpad argument (stale build? "
-                f"rebuild it)")
+    """fl_attention_kvcache_fwd gained cache_leftpad after cache_seqlens, then block_table,
+    max_num_blocks, num_blocks and page_block_size after that: a library built before the last change
+    (no "attention_kvcache_paged" in its build info) would read every later argument shifted, so it
+    is never called -- with or without a block_table."""
+    if not _cuda.build_info().get("attention_kvcache_paged", False):
+        return (f"{_cuda.LIB_NAME} predates fl_attention_kvcache_fwd's current arguments (cache_leftpad, then "
+                f"block_table .. page_block_size; stale build? rebuild it)")
     return None
+
+
+def paged_geometry(q, k_cache, block_table) -> tuple[int, int, int, int]:
+    """(max_num_blocks, num_blocks, page_block_size, logical Lmax) of a paged step, the sizes
+    fl_attention_kvcache_fwd takes with block_table; TypeError / ValueError naming the argument when
+    the table cannot be passed as it is (the op layer hands it over int32, contiguous, on q's device)."""
+    if block_table.dtype != torch.int32 or block_table.device != q.device:
+        raise TypeError(f"block_table must be int32 on {q.device}, got {block_table.dtype} on {block_table.device}")
+    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table must be (B, max_num_blocks) with B = {q.shape[0]}, got shape "
+                         f"{tuple(block_table.shape)}")
+    _require_contiguous(block_table, "block_table")  # (B, max_num_blocks) int32, row stride max_num_blocks
+    num_blocks, page = k_cache.shape[0], k_cache.shape[1]  # k_cache (num_blocks, P, H, D)
+    if page < 1:
+        raise ValueError(f"k_cache: pages of at least one row (page_block_size = k_cache.shape[1] >= 1), got "
+                         f"shape {tuple(k_cache.shape)}")
+    lmax = block_table.shape[1] * page
+    if lmax >= 2**31:
+        raise ValueError(f"block_table: the logical cache length max_num_blocks * page_block_size must be below "
+                         f"2^31 for the CUDA kernels, got {block_table.shape[1]} * {page} = {lmax}")
+    return block_table.shape[1], num_blocks, page, lmax
 
 
 def _mask_args(key_padding_mask: torch.Tensor | None):
@@ -196,16 +227,25 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, softmax_scale, causal, 
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale: float,
-                           causal: bool, cache_leftpad=None):
+                           causal: bool, cache_leftpad=None, block_table=None):
     """-> o (B, Lq, H, D); writes k_new / v_new into the caches in place (see the module docstring).
     Row b attends slots cache_leftpad[b] (0 when None) .. cache_seqlens[b] + Lq_new - 1. Never syncs
     the host; a row with a bad length (< 0, or + Lq new rows > Lmax) or a bad cache_leftpad (< 0, or
-    > its length + Lq new rows) gets NaN output rows and no cache write."""
+    > its length + Lq new rows) gets NaN output rows and no cache write.
+    block_table (B, max_num_blocks) int32 contiguous on q's device, or None: the caches are then
+    (num_blocks, P, H, D) pages, row b's logical slot j at page block_table[b, j // P], row j % P, and
+    Lmax (the lengths' bound, the split count, the workspace) is the logical max_num_blocks * P; a row
+    with a page id it uses out of [0, num_blocks) gets NaN rows, a new row whose page id is out of range
+    is not written (no such id is dereferenced)."""
     reason = _kvcache_abi_reason()
     if reason is not None:
         raise RuntimeError(reason)
     B, Lq, H, D = q.shape  # (B, Lq, H, D)
-    Lmax = k_cache.shape[1]  # k_cache, v_cache (B, Lmax, H, D)
+    if block_table is None:
+        Lmax = k_cache.shape[1]  # k_cache, v_cache (B, Lmax, H, D)
+        max_blocks = num_blocks = page = 0
+    else:  # k_cache, v_cache (num_blocks, P, H, D); block_table (B, max_num_blocks)
+        max_blocks, num_blocks, page, Lmax = paged_geometry(q, k_cache, block_table)
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new and v_new must both be given or both be None, got "
                          f"k_new={'None' if k_new is None else 'tensor'}, v_new={'None' if v_new is None else 'tensor'}")
@@ -229,6 +269,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sof
         _cuda.call("fl_attention_kvcache_fwd",
                    _cuda.ptr(q), *_strides(q), _cuda.ptr(kc), *_strides(kc),
                    _cuda.ptr(vc), *_strides(vc), _cuda.ptr(cache_seqlens), _cuda.ptr(cache_leftpad),
+                   _cuda.ptr(block_table), max_blocks, num_blocks, page,
                    _cuda.ptr(k_new), *_strides(k_new), _cuda.ptr(v_new), *_strides(v_new),
                    _cuda.ptr(o), *_strides(o), _cuda.ptr(workspace), nbytes,
                    B, Lq, Lmax, H, D, float(softmax_scale), int(bool(causal)), _cuda.dtype_code(q),

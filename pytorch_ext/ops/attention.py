@@ -215,12 +215,84 @@ def _kv_write(k_cache, v_cache, cache_seqlens, k_new, v_new, ok):
     v_cache[bidx, pos] = torch.where(okr, v_new.to(v_cache.dtype), v_cache[bidx, pos])
 
 
+# ----------------------------------------------------------------------------- paged caches
+# With block_table (B, max_num_blocks) int32, as flash-attn's: the caches are (num_blocks, P, H, D)
+# pages and row b's LOGICAL slot j lives at cache[block_table[b, j // P], j % P]; every length rule
+# is in logical slots, Lmax = max_num_blocks * P. The pieces below serve the reference and the torch
+# backend: the per-row check of the entries a step reads or writes, the write of the new rows at
+# their pages, and the gather of the logical caches.
+def _paged_lmax(k_cache, block_table):
+    return block_table.shape[1] * k_cache.shape[1]
+
+
+def _paged_entries_ok(block_table, num_blocks, P, cache_seqlens, n_new, cache_leftpad):
+    """(B,) bool on the device: every block_table entry covering a slot row b attends ([leftpad,
+    len + n_new)) is in [0, num_blocks)."""
+    return ~_paged_bad_entries(block_table, num_blocks, P, cache_seqlens, n_new, cache_leftpad, False).any(1)
+
+
+def _paged_bad_entries(block_table, num_blocks, P, cache_seqlens, n_new, cache_leftpad, writes=True):
+    """(B, max_num_blocks) bool: the entries a step attends (and with `writes`, writes: a new row in
+    the left padding) that are out of [0, num_blocks)."""
+    nblk = block_table.shape[1]
+    lens = cache_seqlens.long()
+    total = lens + n_new
+    lo = cache_leftpad.long() if cache_leftpad is not None else torch.zeros_like(lens)
+    if n_new and writes:
+        lo = torch.minimum(lo, lens)
+    e = torch.arange(nblk, device=block_table.device)[None, :]                        # (1, nblk)
+    used = torch.maximum(e * P, lo[:, None]) < torch.minimum((e + 1) * P, total[:, None])  # (B, nblk)
+    return used & ((block_table < 0) | (block_table >= num_blocks))
+
+
+def _paged_logical(cache, block_table, n_blocks=None):
+    """The logical cache (B, n_blocks * P, H, D) (a gathered copy) of the first n_blocks entries per
+    row (all by default); out-of-range entries read page 0 (or zeros when there is no page): the
+    callers NaN those rows."""
+    table = block_table if n_blocks is None else block_table[:, :n_blocks]
+    B, n = table.shape
+    nb, P, H, D = cache.shape
+    if nb == 0:
+        return cache.new_zeros((B, n * P, H, D))
+    return cache[table.long().clamp(0, nb - 1)].reshape(B, n * P, H, D)
+
+
+def _paged_write(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, ok):
+    """Writes k_new / v_new (B, Lq, H, D) of the rows where `ok` at their pages, with device index
+    tensors only (graph-capturable). A write that must not happen (bad row, or a page entry out of
+    range) is turned into a copy of a write that does (or, when none does, of an old value back to
+    where it was): a duplicate index of index_put then always carries the same value."""
+    B, Lq = k_new.shape[:2]
+    nb, P = k_cache.shape[:2]
+    Lmax = block_table.shape[1] * P
+    if B == 0 or Lq == 0 or Lmax == 0 or nb == 0:
+        return
+    pos = (cache_seqlens.long()[:, None] + torch.arange(Lq, device=k_cache.device)).clamp(0, Lmax - 1)  # (B, Lq)
+    entry = block_table.long().gather(1, pos // P)                                     # (B, Lq)
+    valid = (ok[:, None] & (entry >= 0) & (entry < nb)).reshape(-1)                  # (B*Lq,)
+    blk, off = entry.clamp(0, nb - 1).reshape(-1), (pos % P).reshape(-1)
+    anchor = valid.to(torch.int32).argmax()                                           # a valid write, if any
+    blk = torch.where(valid, blk, blk[anchor])
+    off = torch.where(valid, off, off[anchor])
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        new = new.reshape(B * Lq, *new.shape[2:]).to(cache.dtype)
+        val = torch.where(valid[:, None, None], new, cache[blk, off])
+        val = torch.where(valid[:, None, None], val, val[anchor])
+        cache[blk, off] = val
+
+
 def attention_with_kvcache_ref(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
-                               cache_leftpad=None):
+                               cache_leftpad=None, block_table=None):
     """Reference decode step (the semantics of every backend): writes the new rows of valid batch rows
     at slots len .. len+Lq_new-1, attends slots leftpad .. len+Lq_new-1 (leftpad = 0 without
     cache_leftpad; causal bottom-right on the absolute slots); a bad batch row (len < 0, len + Lq_new >
-    Lmax, leftpad < 0 or leftpad > len + Lq_new) writes nothing and gets NaN output rows."""
+    Lmax, leftpad < 0 or leftpad > len + Lq_new) writes nothing and gets NaN output rows.
+    block_table: slots are logical (see "paged caches" above); a row attending a slot whose entry is
+    out of range gets NaN output rows; a new row whose entry is out of range is not written (the
+    row's other new rows are)."""
+    if block_table is not None:
+        return _paged_step(attention_with_kvcache_ref, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                           softmax_scale, causal, cache_leftpad, block_table)
     Lq, Lmax = q.shape[1], k_cache.shape[1]
     n_new = Lq if k_new is not None else 0
     ok = _kv_write_ok(cache_seqlens, n_new, Lmax, cache_leftpad)
@@ -230,6 +302,23 @@ def attention_with_kvcache_ref(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
     window = _kv_window_mask(cache_leftpad, Lmax, q.device) if cache_leftpad is not None else None
     o, _ = attention_ref(q, k_cache, v_cache, window, softmax_scale, causal, 0.0, None, kv_lens=lens)
     return o.masked_fill(~ok[:, None, None, None], float("nan"))
+
+
+def _paged_step(step, q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, cache_leftpad,
+                block_table, n_blocks=None):
+    """A paged decode step as `step` (a non-paged implementation) on the logical caches: the new rows
+    written at their pages, the first n_blocks entries per row gathered (all by default), then `step`
+    with no new rows and each row's length after the append (-1, a bad length, for a row whose
+    lengths or page entries are bad: NaN rows)."""
+    n_new = q.shape[1] if k_new is not None else 0
+    ok = _kv_write_ok(cache_seqlens, n_new, _paged_lmax(k_cache, block_table), cache_leftpad)
+    if k_new is not None:  # rows of good lengths, each new row where its page entry is in range
+        _paged_write(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, ok)
+    ok = ok & _paged_entries_ok(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, n_new,
+                                cache_leftpad)
+    lens = torch.where(ok, cache_seqlens.long() + n_new, -1).to(torch.int32)
+    kl, vl = _paged_logical(k_cache, block_table, n_blocks), _paged_logical(v_cache, block_table, n_blocks)
+    return step(q, kl, vl, lens, None, None, scale, causal, cache_leftpad=cache_leftpad)
 
 
 # ----------------------------------------------------------------------------- "torch" backend
@@ -305,11 +394,21 @@ def _attention_math(q, k, v, key_padding_mask, softmax_scale, causal, dropout_p,
 
 
 def attention_with_kvcache_torch(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
-                                 cache_leftpad=None):
+                                 cache_leftpad=None, block_table=None):
     """The "torch" backend of the decode step, on SDPA. CPU tensors (outside torch.compile): lengths
     read on the host (free there), keys sliced to the window the rows need. Other devices: no host
-    read -- masks over Lmax, unused slots zeroed (NaN-proof), bad rows NaN."""
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+    read -- masks over Lmax, unused slots zeroed (NaN-proof), bad rows NaN. block_table: the logical
+    caches are gathered (on the host path only the pages up to the longest row), a copy per call."""
+    host = q.device.type == "cpu" and not torch.compiler.is_compiling()
+    if block_table is not None:
+        n_blocks = None
+        if host and cache_seqlens.numel():
+            n_new = q.shape[1] if k_new is not None else 0
+            longest = max(0, int(cache_seqlens.max()) + n_new)
+            n_blocks = min(block_table.shape[1], -(-longest // max(k_cache.shape[1], 1)))
+        return _paged_step(attention_with_kvcache_torch, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                           softmax_scale, causal, cache_leftpad, block_table, n_blocks)
+    if host:
         return _kvcache_torch_host(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
                                    cache_leftpad)
     return _kvcache_torch_device(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal,
@@ -417,7 +516,7 @@ class _TorchBackend:
         return None
 
     @staticmethod
-    def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None):
+    def kvcache_unsupported_reason(q, k_cache, v_cache=None, k_new=None, v_new=None, block_table=None):
         return None
 
 
@@ -448,9 +547,10 @@ def _select(backend, q, k, v, causal, key_padding_mask, dropout_p):
     return BACKENDS.select(backend, q.device, case_reason)
 
 
-def _select_kv(backend, q, k_cache, v_cache=None, k_new=None, v_new=None):
+def _select_kv(backend, q, k_cache, v_cache=None, k_new=None, v_new=None, block_table=None):
     def case_reason(name, mod):
-        return _kernel_dtype_reason(name, q) or mod.kvcache_unsupported_reason(q, k_cache, v_cache, k_new, v_new)
+        return _kernel_dtype_reason(name, q) or mod.kvcache_unsupported_reason(q, k_cache, v_cache, k_new, v_new,
+                                                                               block_table=block_table)
     return BACKENDS_KV.select(backend, q.device, case_reason)
 
 
@@ -606,7 +706,8 @@ def _check_row_vector(t, arg, B, q):
         raise ValueError(f"{arg}: expected a tensor on q's device {q.device}, got {t.device}")
 
 
-def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, cache_leftpad=None):
+def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, cache_leftpad=None,
+                 block_table=None):
     check_tensor(q, "q", dim=4)
     check_tensor(k_cache, "k_cache", dim=4)
     check_tensor(v_cache, "v_cache", dim=4)
@@ -615,7 +716,19 @@ def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softm
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise _shape_error("v_cache", f"k_cache's shape {tuple(k_cache.shape)}", v_cache.shape)
     B, Lq, H, D = q.shape
-    if k_cache.shape[0] != B or k_cache.shape[2] != H or k_cache.shape[3] != D:
+    if block_table is not None:
+        if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+            got = block_table.dtype if isinstance(block_table, Tensor) else type(block_table).__name__
+            raise TypeError(f"block_table: expected an int32 tensor, got {got}")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table: expected shape (B, max_num_blocks_per_seq) with B = {B}, got "
+                             f"{tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table: expected a tensor on q's device {q.device}, got {block_table.device}")
+        if k_cache.shape[1] < 1 or k_cache.shape[2] != H or k_cache.shape[3] != D:
+            raise _shape_error("k_cache", f"paged shape (num_blocks, page_block_size >= 1, H={H}, D={D}) to match "
+                               f"q {tuple(q.shape)}", k_cache.shape)
+    elif k_cache.shape[0] != B or k_cache.shape[2] != H or k_cache.shape[3] != D:
         raise _shape_error("k_cache", f"shape (B={B}, Lmax, H={H}, D={D}) to match q {tuple(q.shape)}", k_cache.shape)
     _check_row_vector(cache_seqlens, "cache_seqlens", B, q)
     if cache_leftpad is not None:
@@ -637,10 +750,11 @@ def _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softm
                          "in place, so they cannot be copied)")
 
 
-def _check_lengths(q, k_cache, cache_seqlens, n_new, cache_leftpad=None):
+def _check_lengths(q, k_cache, cache_seqlens, n_new, cache_leftpad=None, block_table=None):
     """The host check of the lengths (a device read): run for CPU tensors, where it is free, and for
     CUDA tensors only when FASTLAYERS_CHECK_LENGTHS=1 (never while a CUDA graph is captured). Without
-    it, a bad length (or left padding) gives NaN output rows and no write (the kernels' contract)."""
+    it, a bad length (or left padding, or page entry) gives NaN output rows and no write (the kernels'
+    contract)."""
     dev = q.device.type
     if dev != "cpu" and (dev != "cuda" or os.environ.get(CHECK_LENGTHS_ENV) != "1"
                          or torch.cuda.is_current_stream_capturing()):
@@ -650,7 +764,13 @@ def _check_lengths(q, k_cache, cache_seqlens, n_new, cache_leftpad=None):
     lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
     if lo < 0:
         raise ValueError(f"cache_seqlens: lengths must be >= 0, got min {lo}")
-    if hi + n_new > k_cache.shape[1]:
+    if block_table is not None:
+        Lmax = _paged_lmax(k_cache, block_table)
+        if hi + n_new > Lmax:
+            raise ValueError(f"block_table: too few pages: cache_seqlens.max() + Lq = {hi} + {n_new} > "
+                             f"max_num_blocks_per_seq * page_block_size = {block_table.shape[1]} * "
+                             f"{k_cache.shape[1]} = {Lmax}")
+    elif hi + n_new > k_cache.shape[1]:
         raise ValueError(f"k_cache: too short: cache_seqlens.max() + Lq = {hi} + {n_new} > Lmax = "
                          f"{k_cache.shape[1]}")
     if cache_leftpad is not None:
@@ -663,12 +783,21 @@ def _check_lengths(q, k_cache, cache_seqlens, n_new, cache_leftpad=None):
         if int(over[b]) > 0:
             raise ValueError(f"cache_leftpad: expected cache_leftpad[b] <= cache_seqlens[b] + Lq_new, got "
                              f"{int(pad[b])} > {int(cache_seqlens[b])} + {n_new} at b = {b}")
+    if block_table is not None:
+        nb, P = k_cache.shape[:2]
+        bad = _paged_bad_entries(block_table, nb, P, cache_seqlens, n_new, cache_leftpad)
+        if bool(bad.any()):
+            b, e = (int(i) for i in bad.nonzero()[0])  # the first bad entry
+            row = block_table[b]
+            raise ValueError(f"block_table: expected entries in [0, num_blocks = {nb}), got block_table[{b}, {e}] = "
+                             f"{int(row[e])}, a page row {b} reads or writes")
 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                            k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, *,
-                           cache_leftpad: Optional[Tensor] = None, causal: bool = True,
-                           softmax_scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+                           cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                           causal: bool = True, softmax_scale: Optional[float] = None,
+                           backend: Optional[str] = None) -> Tensor:
     """One decoding step over a KV cache (forward only; inputs must not require grad).
 
     Layout (B, L, H, D), as fl.attention (NOT SDPA's (B, H, L, D)).
@@ -688,6 +817,18 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     or cache_leftpad[b] > cache_seqlens[b] + Lq_new): for CPU tensors a ValueError; for CUDA tensors
     the check would cost a host sync per call, so it is skipped -- row b is not written and its
     output rows are NaN -- unless FASTLAYERS_CHECK_LENGTHS=1 asks for it.
+    block_table: None, or a paged cache as flash-attn's `block_table`: (B, max_num_blocks_per_seq)
+      int32 on q's device (any stride; copied when not contiguous, a small copy), and k_cache, v_cache
+      of shape (num_blocks, page_block_size, H, D), any page size >= 1. Row b's slot j (the slots
+      above, called logical) lives at k_cache[block_table[b, j // page_block_size], j %
+      page_block_size]; Lmax = max_num_blocks_per_seq * page_block_size. Only the entries covering
+      slots a row attends or writes are read; rows may share pages (beams sharing a prefix: beam
+      search reorders its beams by reordering the table rows, page size 1, not the caches). A slot
+      one row writes in a call that another row also writes or reads in that call: undefined. An
+      entry a row reads or writes that is out of [0, num_blocks): ValueError for CPU tensors (and
+      with FASTLAYERS_CHECK_LENGTHS=1);
+      otherwise never dereferenced: a row attending such a slot gets NaN output rows, and a new row
+      whose page entry is out of range is not written (its other new rows are).
     Eager decode on CUDA never synchronises (CUDA-graph capturable). Under torch.autocast q, k_new and
     v_new are cast to the autocast dtype as SDPA's inputs are; caches of another dtype keep it (the
     new rows are written in their dtype) and are read at the autocast dtype.
@@ -698,16 +839,16 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             q = autocast_cast(q, ad)
             if isinstance(k_cache, Tensor) and autocast_cast(k_cache, ad) is not k_cache:
                 return _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale,
-                                      backend, ad, cache_leftpad)
+                                      backend, ad, cache_leftpad, block_table)
             k_new, v_new = (autocast_cast(t, ad) if isinstance(t, Tensor) else t for t in (k_new, v_new))
             return _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                           softmax_scale, backend, cache_leftpad)
+                                           softmax_scale, backend, cache_leftpad, block_table)
     return _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale,
-                                   backend, cache_leftpad)
+                                   backend, cache_leftpad, block_table)
 
 
 def _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, backend, dtype,
-                   cache_leftpad=None):
+                   cache_leftpad=None, block_table=None):
     """Autocast with caches of another dtype (e.g. fp32 caches under bf16 autocast), as `k_cache[...] =
     k_new` then SDPA would run: k_new / v_new are written into the caches in the caches' dtype, and the
     attention reads the caches cast to `dtype` (a copy per call: allocate the caches in the autocast
@@ -719,21 +860,28 @@ def _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, sof
                         f"got {dtype_name(v_cache.dtype)}")
     kc, vc = k_cache.to(dtype), v_cache.to(dtype)                                  # (B, Lmax, H, D) copies
     _validate_kv(q, kc, vc, cache_seqlens, *(None if t is None else autocast_cast(t, dtype) for t in (k_new, v_new)),
-                 causal, softmax_scale, cache_leftpad)
+                 causal, softmax_scale, cache_leftpad, block_table)
     if k_new is not None:
         if needs_grad(q, k_cache, v_cache, k_new, v_new):
             raise RuntimeError(_FORWARD_ONLY)
         cache_seqlens, cache_leftpad = vector_arg(cache_seqlens), vector_arg(cache_leftpad)
         Lq = q.shape[1]
         if not torch.compiler.is_compiling():
-            _check_lengths(q, k_cache, cache_seqlens, Lq, cache_leftpad)
-        ok = _kv_write_ok(cache_seqlens, Lq, k_cache.shape[1], cache_leftpad)
-        _kv_write(k_cache, v_cache, cache_seqlens, k_new, v_new, ok)
-        _kv_write(kc, vc, cache_seqlens, k_new.to(k_cache.dtype), v_new.to(k_cache.dtype), ok)
+            _check_lengths(q, k_cache, cache_seqlens, Lq, cache_leftpad, block_table)
+        if block_table is not None:
+            ok = _kv_write_ok(cache_seqlens, Lq, _paged_lmax(k_cache, block_table), cache_leftpad)
+            ok = ok & _paged_entries_ok(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, Lq,
+                                        cache_leftpad)
+            for kk, vv in ((k_cache, v_cache), (kc, vc)):
+                _paged_write(kk, vv, block_table, cache_seqlens, k_new, v_new, ok)
+        else:
+            ok = _kv_write_ok(cache_seqlens, Lq, k_cache.shape[1], cache_leftpad)
+            _kv_write(k_cache, v_cache, cache_seqlens, k_new, v_new, ok)
+            _kv_write(kc, vc, cache_seqlens, k_new.to(k_cache.dtype), v_new.to(k_cache.dtype), ok)
         # the new rows are in the caches now: attend len + Lq keys; a bad row keeps NaN rows (length -1)
         cache_seqlens = torch.where(ok, cache_seqlens + Lq, -1).to(torch.int32)
     return _attention_with_kvcache(q, kc, vc, cache_seqlens, None, None, causal, softmax_scale, backend,
-                                   cache_leftpad)
+                                   cache_leftpad, block_table)
 
 
 _FORWARD_ONLY = ("attention_with_kvcache is forward-only (decoding): its inputs require grad; call it under "
@@ -741,12 +889,14 @@ _FORWARD_ONLY = ("attention_with_kvcache is forward-only (decoding): its inputs 
 
 
 def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, backend,
-                            cache_leftpad=None):
-    _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, cache_leftpad)
+                            cache_leftpad=None, block_table=None):
+    _validate_kv(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, cache_leftpad,
+                 block_table)
     if needs_grad(q, k_cache, v_cache, k_new, v_new):
         raise RuntimeError(_FORWARD_ONLY)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cache_seqlens, cache_leftpad = vector_arg(cache_seqlens), vector_arg(cache_leftpad)
+    block_table = block_table.contiguous() if block_table is not None else None  # (B, max_blocks): small
     q = _last_dim_contig(q)
     k_new = _last_dim_contig(k_new) if k_new is not None else None
     v_new = _last_dim_contig(v_new) if v_new is not None else None
@@ -756,13 +906,14 @@ def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, ca
         # over Lmax, a copy of both caches per step) measured 10x slower at B=8, Lmax=2048, len~1000.
         name = request_for_trace(backend)  # "" = automatic; resolved in the op on its real inputs
         return torch.ops.fastlayers.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                           scale, causal, name, cache_leftpad)
-    _check_lengths(q, k_cache, cache_seqlens, q.shape[1] if k_new is not None else 0, cache_leftpad)
-    name = _select_kv(backend, q, k_cache, v_cache, k_new, v_new)
+                                                           scale, causal, name, cache_leftpad, block_table)
+    _check_lengths(q, k_cache, cache_seqlens, q.shape[1] if k_new is not None else 0, cache_leftpad, block_table)
+    name = _select_kv(backend, q, k_cache, v_cache, k_new, v_new, block_table)
     BACKENDS_KV.record(name)
     with device_guard(q):
         return BACKENDS_KV.module(name).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                               scale, causal, cache_leftpad=cache_leftpad)
+                                                               scale, causal, cache_leftpad=cache_leftpad,
+                                                               block_table=block_table)
 
 
 # ----------------------------------------------------------------------------- torch.compile path
@@ -840,17 +991,20 @@ _attention_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_co
 @torch.library.custom_op("fastlayers::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _attention_kv_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
                      v_new: Optional[Tensor], softmax_scale: float, causal: bool, backend: str,
-                     cache_leftpad: Optional[Tensor] = None) -> Tensor:
-    backend = resolve_in_op(backend, lambda b: _select_kv(b, q, k_cache, v_cache, k_new, v_new))
+                     cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None) -> Tensor:
+    backend = resolve_in_op(backend, lambda b: _select_kv(b, q, k_cache, v_cache, k_new, v_new, block_table))
     cache_seqlens, cache_leftpad = vector_arg(cache_seqlens), vector_arg(cache_leftpad)
+    block_table = block_table.contiguous() if block_table is not None else None
     _check_lengths(q, k_cache, cache_seqlens, q.shape[1] if k_new is not None else 0,
-                   cache_leftpad)  # real tensors here
+                   cache_leftpad, block_table)  # real tensors here
     with device_guard(q):
         return BACKENDS_KV.module(backend).attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new,
                                                                   v_new, softmax_scale, causal,
-                                                                  cache_leftpad=cache_leftpad)
+                                                                  cache_leftpad=cache_leftpad,
+                                                                  block_table=block_table)
 
 
 @_attention_kv_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal, backend, cache_leftpad=None):
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal, backend, cache_leftpad=None,
+      block_table=None):
     return q.new_empty(q.shape)
