@@ -206,7 +206,7 @@ def test_block_table_argument_checks():
         run(kc=torch.randn(6, 4, 3, 8), vc=torch.randn(6, 4, 3, 8))
     with pytest.raises(ValueError, match=r"k_cache: expected paged shape"):
         run(kc=torch.randn(6, 0, 2, 8), vc=torch.randn(6, 0, 2, 8))
-    with pytest.raises(ValueError, match=r"block_table: too few pages: cache_seqlens.max\(\) \+ Lq = 12 \+ 1 > "
+    with pytest.raises(ValueError, match=r"block_table: too few pages: cache_seqlens.max\(\) \+ Lq_new = 12 \+ 1 > "
                                          r"max_num_blocks_per_seq \* page_block_size = 3 \* 4 = 12"):
         run(lens=torch.tensor([3, 12], dtype=torch.int32))
     # the plain cache's shape rule is the paged one's without block_table: (B, Lmax, H, D)
@@ -242,6 +242,42 @@ def test_paged_autocast_with_fp32_caches():
     assert_close_rule(o, c["expect"], None, factor=0, floor=FLOOR[torch.bfloat16])
     torch.testing.assert_close(kc, c["kc_e"], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(vc, c["vc_e"], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_paged_autocast_compiles_without_a_graph_break(compiled):
+    """Autocast with caches of another dtype writes the new rows outside the custom op (torch code
+    that torch.compile traces): fullgraph must hold, with the eager results."""
+    c = _make(True, 3, 2, 6, 2, 8, 1, True, lens=[5, 9, 3], pads=[0, 2, 1])
+
+    def step(q, kc, vc, lens, kn, vn, pads, bt):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fl.attention_with_kvcache(q, kc, vc, lens, kn, vn, cache_leftpad=pads, block_table=bt,
+                                             softmax_scale=SCALE, backend="torch")
+    if compiled:
+        torch._dynamo.reset()
+        step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    kc, vc = c["kc"].clone(), c["vc"].clone()
+    with torch.no_grad():
+        o = step(c["q"], kc, vc, c["lens"], c["kn"], c["vn"], c["pads"], c["table"])
+    assert_close_rule(o, c["expect"], None, factor=0, floor=FLOOR[torch.bfloat16])
+    torch.testing.assert_close(kc, c["kc_e"], rtol=0, atol=0, equal_nan=True)
+
+
+def test_paged_device_path_reads_nothing_on_the_host():
+    """The pieces CUDA tensors run (the write at the pages, the entry check, the gather) on meta
+    tensors: any host read (.item(), a 0-dim index, .tolist()) raises there."""
+    B, P, nblk, H, D = 3, 2, 4, 2, 8
+    meta = dict(device="meta")
+    kc, vc = torch.empty(B * nblk, P, H, D, **meta), torch.empty(B * nblk, P, H, D, **meta)
+    q, kn, vn = (torch.empty(B, 1, H, D, **meta) for _ in range(3))
+    lens = torch.empty(B, dtype=torch.int32, **meta)
+    table = torch.empty(B, nblk, dtype=torch.int32, **meta)
+    A._paged_write(kc, vc, table, lens, kn, vn, torch.empty(B, dtype=torch.bool, **meta))
+    A._paged_entries_ok(table, B * nblk, P, lens, 1, lens)
+    A._paged_logical(kc, table)
+    o = A._paged_step(A._kvcache_torch_device, q, kc, vc, lens, kn, vn, SCALE, True, lens, table)  # all of it
+    assert o.shape == q.shape
 
 
 # ------------------------------------------------------------------------------- the beam search cache

@@ -271,13 +271,15 @@ def _paged_write(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, ok)
     entry = block_table.long().gather(1, pos // P)                                     # (B, Lq)
     valid = (ok[:, None] & (entry >= 0) & (entry < nb)).reshape(-1)                  # (B*Lq,)
     blk, off = entry.clamp(0, nb - 1).reshape(-1), (pos % P).reshape(-1)
-    anchor = valid.to(torch.int32).argmax()                                           # a valid write, if any
-    blk = torch.where(valid, blk, blk[anchor])
-    off = torch.where(valid, off, off[anchor])
+    # a valid write, if any; (1,)-shaped index_select, never a 0-dim index (that would be .item(): a
+    # host sync on CUDA, a graph break under torch.compile)
+    anchor = valid.to(torch.int32).argmax().view(1)
+    blk = torch.where(valid, blk, blk.index_select(0, anchor))
+    off = torch.where(valid, off, off.index_select(0, anchor))
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
         new = new.reshape(B * Lq, *new.shape[2:]).to(cache.dtype)
         val = torch.where(valid[:, None, None], new, cache[blk, off])
-        val = torch.where(valid[:, None, None], val, val[anchor])
+        val = torch.where(valid[:, None, None], val, val.index_select(0, anchor))
         cache[blk, off] = val
 
 
@@ -767,11 +769,11 @@ def _check_lengths(q, k_cache, cache_seqlens, n_new, cache_leftpad=None, block_t
     if block_table is not None:
         Lmax = _paged_lmax(k_cache, block_table)
         if hi + n_new > Lmax:
-            raise ValueError(f"block_table: too few pages: cache_seqlens.max() + Lq = {hi} + {n_new} > "
+            raise ValueError(f"block_table: too few pages: cache_seqlens.max() + Lq_new = {hi} + {n_new} > "
                              f"max_num_blocks_per_seq * page_block_size = {block_table.shape[1]} * "
                              f"{k_cache.shape[1]} = {Lmax}")
     elif hi + n_new > k_cache.shape[1]:
-        raise ValueError(f"k_cache: too short: cache_seqlens.max() + Lq = {hi} + {n_new} > Lmax = "
+        raise ValueError(f"k_cache: too short: cache_seqlens.max() + Lq_new = {hi} + {n_new} > Lmax = "
                          f"{k_cache.shape[1]}")
     if cache_leftpad is not None:
         pad = cache_leftpad.long()
@@ -790,7 +792,7 @@ def _check_lengths(q, k_cache, cache_seqlens, n_new, cache_leftpad=None, block_t
             b, e = (int(i) for i in bad.nonzero()[0])  # the first bad entry
             row = block_table[b]
             raise ValueError(f"block_table: expected entries in [0, num_blocks = {nb}), got block_table[{b}, {e}] = "
-                             f"{int(row[e])}, a page row {b} reads or writes")
+                             f"{int(row[e])} (row {b} attends or writes slots on that page)")
 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
