@@ -36,7 +36,7 @@ import fastlayers as fl
 from .bert import _check_ids, attention_probs, sequence_classification_loss
 from .config import ACTIVATION_OF, BartConfig
 from .generation import GenerationMixin, StaticKVCache
-from .layers import FusedLinear
+from .layers import FusedLinear, padding_mask
 from .loading import PreTrainedModel, init_normal_
 from .outputs import (BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput, Seq2SeqSequenceClassifierOutput,
                       maybe_tuple)
@@ -264,13 +264,7 @@ class _BartStack(nn.Module):
         if L > self.max_positions:
             raise ValueError(f"{ids_name}: sequence length {L} exceeds max_position_embeddings="
                              f"{self.max_positions}; truncate the input")
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L):
-                raise ValueError(f"{mask_name}: expected a (B, L) = {(B, L)} padding mask (1 = token, 0 = padding), "
-                                 f"got shape {tuple(attention_mask.shape)}"
-                             + (" (3-D/4-D masks are not supported)" if attention_mask.dim() != 2 else ""))
-            mask = attention_mask.to(device).bool()
+        mask = padding_mask(attention_mask, B, L, mask_name, device)
         return mask, torch.arange(L, device=device)[None]
 
     def _layer_dropped(self) -> bool:
@@ -398,12 +392,7 @@ class BartModel(BartPreTrainedModel):
             t = tuple(encoder_outputs)
             encoder_outputs = BaseModelOutput(t[0], t[1] if len(t) > 1 else None, t[2] if len(t) > 2 else None)
         enc = encoder_outputs.last_hidden_state                                         # (B, Ls, E)
-        enc_mask = None
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != tuple(enc.shape[:2]):
-                raise ValueError(f"attention_mask: expected the encoder's (B, Ls) = {tuple(enc.shape[:2])}, got "
-                                 f"{tuple(attention_mask.shape)}")
-            enc_mask = attention_mask.to(enc.device).bool()
+        enc_mask = padding_mask(attention_mask, *enc.shape[:2], "attention_mask", enc.device)  # the encoder's (B, Ls)
         x, hidden, attns, cross = self.decoder(decoder_input_ids, decoder_attention_mask, enc, enc_mask,
                                                inputs_embeds=decoder_inputs_embeds,
                                                output_attentions=output_attentions,

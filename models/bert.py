@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import fastlayers as fl
 
 from .config import ACTIVATION_OF, BertConfig
-from .layers import FusedLinear
+from .layers import FusedLinear, padding_mask
 from .loading import PreTrainedModel, init_normal_
 from .outputs import (BaseModelOutputWithPooling, MaskedLMOutput, MultipleChoiceModelOutput,
                       QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput,
@@ -235,13 +235,7 @@ class BertModel(BertPreTrainedModel):
             token_type_ids = torch.zeros(B, L, dtype=torch.long, device=device)
         else:
             _check_ids("token_type_ids", token_type_ids, 2, (B, L), broadcast=True)
-        key_padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L):
-                raise ValueError(f"attention_mask: expected a (B, L) = {(B, L)} padding mask (1 = token, "
-                                 f"0 = padding), got shape {tuple(attention_mask.shape)}"
-                                 + (" (3-D/4-D masks are not supported)" if attention_mask.dim() != 2 else ""))
-            key_padding_mask = attention_mask.bool()
+        key_padding_mask = padding_mask(attention_mask, B, L)
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         x, hidden, attns = self.encoder(x, key_padding_mask, output_hidden_states, output_attentions)
         pooled = self.pooler(x) if self.pooler is not None else None

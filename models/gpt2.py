@@ -23,7 +23,7 @@ import fastlayers as fl
 from .bert import _check_ids, attention_probs, sequence_classification_loss
 from .config import ACTIVATION_OF, GPT2Config
 from .generation import GenerationMixin, StaticKVCache
-from .layers import Conv1DLinear
+from .layers import Conv1DLinear, padding_mask
 from .loading import PreTrainedModel, init_normal_
 from .outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput, maybe_tuple
 
@@ -153,7 +153,7 @@ class GPT2Model(GPT2PreTrainedModel):
         else:
             _check_ids("position_ids", position_ids, 2, (B, L), broadcast=True)
         _check_positions(self.config, L)
-        key_padding_mask = _padding_mask(attention_mask, B, L)
+        key_padding_mask = padding_mask(attention_mask, B, L)
         x = self._embed(input_ids, inputs_embeds, position_ids, token_type_ids)
         x, hidden, attns = self._blocks(x, key_padding_mask, output_hidden_states, output_attentions)
         return maybe_tuple(BaseModelOutput(x, hidden, attns), return_dict)
@@ -202,16 +202,6 @@ def _check_positions(config, L: int) -> None:
     if L > config.max_position_embeddings:
         raise ValueError(f"input_ids: sequence length {L} exceeds n_positions={config.max_position_embeddings}; "
                          "truncate the input")
-
-
-def _padding_mask(attention_mask, B: int, L: int):
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L):
-        raise ValueError(f"attention_mask: expected a (B, L) = {(B, L)} padding mask (1 = token, 0 = padding), "
-                         f"got shape {tuple(attention_mask.shape)}"
-                             + (" (3-D/4-D masks are not supported)" if attention_mask.dim() != 2 else ""))
-    return attention_mask.bool()
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):

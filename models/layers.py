@@ -16,6 +16,27 @@ from torch import Tensor, nn
 import fastlayers as fl
 
 
+def padding_mask(attention_mask, B: int, L: int, name: str = "attention_mask", device=None):
+    """A transformers attention_mask (B, L), 1 = token, 0 = padding -> fl.attention's key_padding_mask
+    (B, L) bool on `device` (default: the mask's), or None when there is no mask or every position is
+    a token (a tokenizer's mask of an unpadded batch): an unmasked attention takes the faster kernels
+    (the sm_90a wgmma kernel declines masks). That check reads the mask on the host, as transformers'
+    sdpa mask preparation does (`_prepare_4d_attention_mask_for_sdpa`); under torch.compile and
+    while a CUDA graph is captured it is skipped and the mask passed as it is.
+    Raises ValueError (naming `name`) for any shape but (B, L)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L):
+        raise ValueError(f"{name}: expected a (B, L) = {(B, L)} padding mask (1 = token, 0 = padding), got shape "
+                         f"{tuple(attention_mask.shape)}"
+                         + (" (3-D/4-D masks are not supported)" if attention_mask.dim() != 2 else ""))
+    mask = attention_mask.to(device).bool() if device is not None else attention_mask.bool()
+    capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and bool(mask.all()):
+        return None
+    return mask
+
+
 class CheckpointLinear(nn.Module):
     """A linear whose parameters are stored under other names/shapes in checkpoints."""
     keys_on_parent = False    # checkpoint keys relative to the parent module (True) or to this one
