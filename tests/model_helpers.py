@@ -118,3 +118,67 @@ def grads_by_checkpoint_name(model) -> dict:
 
 def hf_grads(model) -> dict:
     return {k: p.grad for k, p in model.named_parameters(remove_duplicate=False)}
+
+
+def assert_grads_match(ref, model, rtol: float) -> None:
+    """After backward on both: the fastlayers model's gradients (by checkpoint name) against
+    transformers' -- the same names, shapes (the state_dict's), values within rtol. Gradients zero in
+    exact arithmetic (a key bias: softmax ignores a shift shared by all keys; multiple choice's
+    classifier bias) are fp32 noise on both sides, so each tensor gets an absolute floor of 1e-6 of
+    the model's largest gradient; a tensor transformers gives no gradient (a pooler the head does
+    not use) must have none or zeros."""
+    g_ref, g = hf_grads(ref), grads_by_checkpoint_name(model)
+    assert sorted(g) == sorted(g_ref), "parameter names differ from transformers'"
+    sd = model.state_dict()
+    scale = max(v.abs().max().item() for v in g_ref.values() if v is not None)
+    for k in sorted(g_ref):
+        if g_ref[k] is None:
+            assert g[k] is None or not g[k].any(), f"{k}: gradient where transformers has none"
+            continue
+        assert g[k] is not None, f"{k}: no gradient"
+        assert g[k].shape == sd[k].shape == g_ref[k].shape, f"{k}: gradient shape {tuple(g[k].shape)}"
+        if not g_ref[k].any():   # exactly zero there (rounding happened to cancel): ours within the floor
+            assert g[k].abs().max() <= 1e-6 * scale, f"grad {k}: {g[k].abs().max():.3e} where transformers has 0"
+            continue
+        assert_rel(g[k], g_ref[k], rtol, f"grad {k}", atol=1e-6 * scale)
+
+
+def assert_trains_like(ref, model, inputs: dict, labels: dict, rtol: float, lr: float, steps: int = 5) -> None:
+    """`steps` SGD steps at `lr` on one batch for both models (llm.c's test_gpt2 in small): the
+    reference trains (its loss falls by more than 0.05) and each step's loss is within rtol of it."""
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses_ref, losses = [], []
+    for _ in range(steps):
+        for m, o, acc in ((ref, opt_ref, losses_ref), (model, opt, losses)):
+            o.zero_grad()
+            loss = m(**inputs, **labels).loss
+            loss.backward()
+            o.step()
+            acc.append(loss.item())
+    assert losses_ref[-1] < losses_ref[0] - 0.05, f"the reference did not train: {losses_ref}"
+    for i, (a, b) in enumerate(zip(losses, losses_ref)):
+        assert abs(a - b) <= rtol * abs(b), f"step {i}: loss {a} != transformers' {b} ({losses} vs {losses_ref})"
+
+
+def assert_layers_match(ours, ref, rtol: float, mask, num_layers: int) -> None:
+    """hidden_states (num_layers + 1) and attentions (num_layers) as transformers' give them: the
+    hidden states at the non-padded positions (mask (B, L)); the probabilities (B, nh, Lq, Lk) ->
+    (B, Lq, nh, Lk) as rows of the non-padded queries over all keys (padded and future keys must be 0
+    in both)."""
+    assert ours.hidden_states is not None and ours.attentions is not None
+    assert len(ours.hidden_states) == len(ref.hidden_states) == num_layers + 1
+    assert len(ours.attentions) == len(ref.attentions) == num_layers
+    for i, (a, b) in enumerate(zip(ours.hidden_states, ref.hidden_states)):
+        assert_rel(a, b, rtol, f"hidden_states[{i}]", mask=mask)
+    for i, (a, b) in enumerate(zip(ours.attentions, ref.attentions)):
+        assert_rel(a.transpose(1, 2), b.transpose(1, 2), rtol, f"attentions[{i}]", mask=mask)
+
+
+def gpu_backend_or_skip(backend: str) -> None:
+    """Skips the test when fastlayers' `backend` cannot run here, with fl.available_backends()' reason."""
+    import fastlayers as fl
+    import pytest
+    info = fl.available_backends()[backend]
+    if not info["available"]:
+        pytest.skip(f"{backend} backend unavailable: {info['reason']}")

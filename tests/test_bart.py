@@ -33,7 +33,8 @@ import transformers as hf
 import fastlayers as fl
 from fastlayers import models as flm
 from fastlayers.models.bart import fp16_clamp, shift_tokens_right
-from model_helpers import assert_rel, grads_by_checkpoint_name, hf_grads, perturb_
+from model_helpers import (assert_grads_match, assert_rel, assert_trains_like, gpu_backend_or_skip,
+                           grads_by_checkpoint_name, perturb_)
 
 FWD_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -438,16 +439,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, config_name, head):
     assert_rel(loss, loss_ref, GRAD_RTOL, "loss")
     loss_ref.backward()
     loss.backward()
-    g_ref, g = hf_grads(ref), grads_by_checkpoint_name(model)
-    assert sorted(g) == sorted(g_ref), "parameter names differ from transformers'"
-    sd = model.state_dict()
-    # gradients zero in exact arithmetic (k_proj.bias: softmax ignores a shift shared by all keys) are
-    # fp32 noise on both sides: an absolute floor of 1e-6 of the largest gradient
-    scale = max(v.abs().max().item() for v in g_ref.values() if v is not None)
-    for k in sorted(g_ref):
-        assert g[k] is not None, f"{k}: no gradient"
-        assert g[k].shape == sd[k].shape == g_ref[k].shape, f"{k}: gradient shape {tuple(g[k].shape)}"
-        assert_rel(g[k], g_ref[k], GRAD_RTOL, f"grad {k}", atol=1e-6 * scale)
+    assert_grads_match(ref, model, GRAD_RTOL)
 
 
 def test_training_steps_match_transformers(tmp_path):
@@ -458,19 +450,7 @@ def test_training_steps_match_transformers(tmp_path):
     inputs = make_inputs(ref.config, "shift")
     y = torch.randint(3, ref.config.vocab_size, (4, 7))
     labels = {"labels": y.masked_fill(torch.rand(4, 7) < 0.2, -100)}       # decoder inputs: labels shifted
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    losses_ref, losses = [], []
-    for _ in range(5):
-        for m, o, acc in ((ref, opt_ref, losses_ref), (model, opt, losses)):
-            o.zero_grad()
-            loss = m(**inputs, **labels).loss
-            loss.backward()
-            o.step()
-            acc.append(loss.item())
-    assert losses_ref[-1] < losses_ref[0] - 0.05, f"the reference did not train: {losses_ref}"
-    for i, (a, b) in enumerate(zip(losses, losses_ref)):
-        assert abs(a - b) <= GRAD_RTOL * abs(b), f"step {i}: loss {a} != transformers' {b} ({losses} vs {losses_ref})"
+    assert_trains_like(ref, model, inputs, labels, GRAD_RTOL, lr=0.3)
     # the ties survived training: one tensor for shared, both embed_tokens and lm_head
     w = model.model.shared.weight
     assert model.lm_head.weight is w and model.model.encoder.embed_tokens.weight is w
@@ -780,12 +760,6 @@ def test_torch_compile_fullgraph_matches_eager(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ GPU
-def _gpu_backend_or_skip(backend):
-    info = fl.available_backends()[backend]
-    if not info["available"]:
-        pytest.skip(f"{backend} backend unavailable: {info['reason']}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -793,7 +767,7 @@ def test_gpu_half_precision_within_3x_transformers_error(tmp_path, backend, dtyp
     """Our bf16/fp16 logits (full forward, and decode steps) vs transformers' fp32 within 3x
     transformers' own error at the same dtype, on the non-padded positions of a padded batch, every
     op on the requested backend."""
-    _gpu_backend_or_skip(backend)
+    gpu_backend_or_skip(backend)
     cfg = hf_config("d24-e2x3-d3x4-gelu", d_model=256, encoder_attention_heads=4, decoder_attention_heads=8,
                     encoder_layers=3, decoder_layers=3, encoder_ffn_dim=1024, decoder_ffn_dim=768, vocab_size=1000,
                     max_position_embeddings=160, scale_embedding=True)

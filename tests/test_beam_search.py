@@ -51,6 +51,7 @@ from gpt2_helpers import PAD as GPT2_PAD
 from test_bart import BOS, EOS, PAD, _perturb
 from test_bart import hf_config as bart_hf_config
 from test_generation import GEN_CONFIG, LENGTHS, pair  # noqa: F401  (pair: the GPT-2 fixture)
+from model_helpers import gpu_backend_or_skip
 
 GPT2_V = GEN_CONFIG["vocab_size"]
 BEAM_MARGIN = 5e-5       # >= 3x the accumulated-score differences of the two implementations
@@ -698,12 +699,6 @@ def test_beam_search_errors_name_the_argument(bart):
 
 
 # ------------------------------------------------------------------------------------ GPU
-def _gpu_backend_or_skip(backend):
-    info = fl.available_backends()[backend]
-    if not info["available"]:
-        pytest.skip(f"{backend} backend unavailable: {info['reason']}")
-
-
 def _gpu_bart(folder, head_dim: int):
     """A BART with head_dim 32 or 64 (what both kernel backends compile), saved by transformers."""
     d_model = 4 * head_dim
@@ -759,7 +754,7 @@ def test_gpu_cuda_graph_beam_search_same_ids_as_eager(tmp_path, family, backend,
     cache reorder in one graph) gives the eager ids; the captured session serves another batch of
     the same shape (one session, its graph kept); eos with sync_every 1 and 16; 2 returned
     sequences per input."""
-    _gpu_backend_or_skip(backend)
+    gpu_backend_or_skip(backend)
     if family == "bart":
         cfg = _gpu_bart(tmp_path, head_dim)
         model = flm.BartForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16, device="cuda")
@@ -802,7 +797,7 @@ def test_gpu_cuda_graph_beam_search_same_ids_as_eager(tmp_path, family, backend,
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_bf16_beam_search_graph_equals_eager(tmp_path, backend):
     """bf16 BART, 4 beams, batch 8, length penalty and early stopping: graph ids == eager ids."""
-    _gpu_backend_or_skip(backend)
+    gpu_backend_or_skip(backend)
     cfg = _gpu_bart(tmp_path, 64)
     model = flm.BartForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
     ids, mask = enc_batch([40, 7, 33, 1, 40, 12, 25, 3], cfg.vocab_size)

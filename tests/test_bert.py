@@ -23,8 +23,9 @@ import transformers as hf
 
 import fastlayers as fl
 from fastlayers import models as flm
-from model_helpers import (CONFIGS, NO_DROPOUT, assert_rel, grads_by_checkpoint_name, hf_config, hf_grads,
-                           hf_model, make_inputs, token_mask)
+from model_helpers import (CONFIGS, NO_DROPOUT, assert_grads_match, assert_layers_match, assert_rel,
+                           assert_trains_like, gpu_backend_or_skip, grads_by_checkpoint_name, hf_config, hf_model,
+                           make_inputs, token_mask)
 
 FWD_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -114,15 +115,7 @@ def _compare_outputs(ours, ref, head, inputs, rtol, cfg):
     for name, per_token in _fields(head):
         assert_rel(getattr(ours, name), getattr(ref, name), rtol, f"{head}.{name}",
                    mask=(mask if per_token else None))
-    assert ours.hidden_states is not None and ours.attentions is not None
-    assert len(ours.hidden_states) == len(ref.hidden_states) == cfg.num_hidden_layers + 1
-    assert len(ours.attentions) == len(ref.attentions) == cfg.num_hidden_layers
-    for i, (a, b) in enumerate(zip(ours.hidden_states, ref.hidden_states)):
-        assert_rel(a, b, rtol, f"hidden_states[{i}]", mask=mask)
-    for i, (a, b) in enumerate(zip(ours.attentions, ref.attentions)):
-        # (B, nh, Lq, Lk) -> (B, Lq, nh, Lk): rows of the non-padded queries, all keys (the padded
-        # keys' probabilities must be 0 in both)
-        assert_rel(a.transpose(1, 2), b.transpose(1, 2), rtol, f"attentions[{i}]", mask=mask)
+    assert_layers_match(ours, ref, rtol, mask, cfg.num_hidden_layers)
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -183,21 +176,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, config_name, head):
     assert_rel(loss, loss_ref, GRAD_RTOL, "loss")
     loss_ref.backward()
     loss.backward()
-    g_ref, g = hf_grads(ref), grads_by_checkpoint_name(model)
-    assert sorted(g) == sorted(g_ref), "parameter names differ from transformers'"
-    # Gradients that are zero in exact arithmetic (the key bias: softmax ignores a shift shared by
-    # all keys; multiple choice's classifier bias: shared by all choices) are fp32 noise on both
-    # sides, so each tensor gets an absolute floor of 1e-6 of the largest gradient of the model.
-    scale = max(v.abs().max().item() for v in g_ref.values() if v is not None)
-    for k in sorted(g_ref):
-        if g_ref[k] is None:   # e.g. the pooler of a head that does not use it
-            assert g[k] is None or not g[k].any(), f"{k}: gradient where transformers has none"
-            continue
-        assert g[k] is not None, f"{k}: no gradient"
-        if not g_ref[k].any():   # exactly zero here (rounding happened to cancel): ours within the floor
-            assert g[k].abs().max() <= 1e-6 * scale, f"grad {k}: {g[k].abs().max():.3e} where transformers has 0"
-            continue
-        assert_rel(g[k], g_ref[k], GRAD_RTOL, f"grad {k}", atol=1e-6 * scale)
+    assert_grads_match(ref, model, GRAD_RTOL)
 
 
 @pytest.mark.parametrize("num_labels, kind", [(3, "float"), (3, "int"), (1, "float")])
@@ -223,19 +202,7 @@ def test_training_steps_match_transformers(tmp_path):
     ref.train()
     inputs = _inputs(ref.config, "masked-lm", "ids")
     labels = _labels(ref.config, "masked-lm", inputs)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses_ref, losses = [], []
-    for _ in range(5):
-        for m, o, acc in ((ref, opt_ref, losses_ref), (model, opt, losses)):
-            o.zero_grad()
-            loss = m(**inputs, **labels).loss
-            loss.backward()
-            o.step()
-            acc.append(loss.item())
-    assert losses_ref[-1] < losses_ref[0] - 0.05, f"the reference did not train: {losses_ref}"
-    for i, (a, b) in enumerate(zip(losses, losses_ref)):
-        assert abs(a - b) <= GRAD_RTOL * abs(b), f"step {i}: loss {a} != transformers' {b} ({losses} vs {losses_ref})"
+    assert_trains_like(ref, model, inputs, labels, GRAD_RTOL, lr=0.5)
 
 
 def test_dropout_follows_train_and_eval(tmp_path):
@@ -380,19 +347,13 @@ def test_minilm_one_sentence_alone_equals_its_padded_row(minilm):
 
 
 # ------------------------------------------------------------------------------------ GPU
-def _gpu_backend_or_skip(backend):
-    info = fl.available_backends()[backend]
-    if not info["available"]:
-        pytest.skip(f"{backend} backend unavailable: {info['reason']}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_half_precision_within_3x_transformers_error(tmp_path, backend, dtype):
     """Our bf16/fp16 last_hidden_state vs transformers' fp32 within 3x transformers' own error at
     the same dtype (non-padded positions), and every op ran on the requested backend."""
-    _gpu_backend_or_skip(backend)
+    gpu_backend_or_skip(backend)
     cfg = hf_config("h24-3x8-gelu", hidden_size=256, num_attention_heads=4, num_hidden_layers=4,
                     intermediate_size=1024, vocab_size=1000, max_position_embeddings=160)
     cfg._attn_implementation = "sdpa"

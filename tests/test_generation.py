@@ -30,6 +30,7 @@ import fastlayers as fl
 from fastlayers import models as flm
 from fastlayers.models import generation as gen
 from gpt2_helpers import PAD, checkpoint, finished_steps, hf_config, hf_generate, left_padded
+from model_helpers import gpu_backend_or_skip
 
 GEN_CONFIG = dict(vocab_size=97, n_embd=32, n_head=4, n_layer=2, n_positions=40, n_inner=None,
                   initializer_range=0.5)
@@ -545,12 +546,6 @@ def test_byte_level_bpe_text_in_text_out(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ GPU
-def _gpu_backend_or_skip(backend):
-    info = fl.available_backends()[backend]
-    if not info["available"]:
-        pytest.skip(f"{backend} backend unavailable: {info['reason']}")
-
-
 # head_dim 32: a head dim both kernel backends compile (CUDA: 32/64/96/128; Triton: multiples of 8)
 GPU_CONFIG = {**GEN_CONFIG, "vocab_size": 512, "n_embd": 128, "n_head": 4, "n_positions": 256,
               "initializer_range": 0.1}
@@ -577,7 +572,7 @@ def test_gpu_cuda_graph_decode_same_ids_as_eager(gpu_pair, backend, batch):
     """CUDA-graph decode == eager decode (greedy, same kernels), and the captured session serves the
     next prompt (same rows, length and settings) with the eager ids too; eos stops; sampling in the
     graph is reproducible under one seed."""
-    _gpu_backend_or_skip(backend)
+    gpu_backend_or_skip(backend)
     ref, d = gpu_pair
     model = _gpu_model(d)                                                  # fresh: no session yet
     vocab = ref.config.vocab_size
@@ -632,7 +627,7 @@ def test_gpu_cuda_graph_decode_same_ids_as_eager(gpu_pair, backend, batch):
 def test_gpu_cuda_graph_session_per_backend(gpu_pair):
     """A session captured inside use_backend('triton') is not replayed inside use_backend('cuda')."""
     for b in ("triton", "cuda"):
-        _gpu_backend_or_skip(b)
+        gpu_backend_or_skip(b)
     ref, d = gpu_pair
     model = _gpu_model(d)
     ids, mask = (t.cuda() for t in left_padded([5, 2], ref.config.vocab_size))

@@ -29,7 +29,8 @@ import transformers as hf
 import fastlayers as fl
 from fastlayers import models as flm
 from gpt2_helpers import CONFIGS, NO_DROPOUT, PAD, checkpoint, hf_config, make_inputs
-from model_helpers import assert_rel, grads_by_checkpoint_name, hf_grads
+from model_helpers import (assert_grads_match, assert_layers_match, assert_rel, assert_trains_like,
+                           gpu_backend_or_skip, grads_by_checkpoint_name)
 
 FWD_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -79,14 +80,7 @@ def _compare(got, want, head, inputs, cfg, rtol=FWD_RTOL):
     else:  # pooled at each row's last non-pad token: every row compared
         assert got.logits.shape == (mask.shape[0], cfg.num_labels)
         assert_rel(got.logits, want.logits, rtol, "sequence logits")
-    assert len(got.hidden_states) == len(want.hidden_states) == cfg.n_layer + 1
-    assert len(got.attentions) == len(want.attentions) == cfg.n_layer
-    for i, (a, b) in enumerate(zip(got.hidden_states, want.hidden_states)):
-        assert_rel(a, b, rtol, f"hidden_states[{i}]", mask=mask)
-    for i, (a, b) in enumerate(zip(got.attentions, want.attentions)):
-        # (B, nh, Lq, Lk) -> (B, Lq, nh, Lk): the non-padded queries' rows over all keys (padded keys
-        # and future keys must be 0 in both)
-        assert_rel(a.transpose(1, 2), b.transpose(1, 2), rtol, f"attentions[{i}]", mask=mask)
+    assert_layers_match(got, want, rtol, mask, cfg.n_layer)
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -202,16 +196,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, config_name, head):
     assert_rel(loss, loss_ref, GRAD_RTOL, "loss")
     loss_ref.backward()
     loss.backward()
-    g_ref, g = hf_grads(ref), grads_by_checkpoint_name(model)
-    assert sorted(g) == sorted(g_ref), "parameter names differ from transformers'"
-    sd = model.state_dict()
-    # Gradients zero in exact arithmetic (the key part of c_attn.bias: softmax ignores a shift shared
-    # by all keys) are fp32 noise on both sides: an absolute floor of 1e-6 of the largest gradient.
-    scale = max(v.abs().max().item() for v in g_ref.values() if v is not None)
-    for k in sorted(g_ref):
-        assert g[k] is not None, f"{k}: no gradient"
-        assert g[k].shape == sd[k].shape == g_ref[k].shape, f"{k}: gradient shape {tuple(g[k].shape)}"
-        assert_rel(g[k], g_ref[k], GRAD_RTOL, f"grad {k}", atol=1e-6 * scale)
+    assert_grads_match(ref, model, GRAD_RTOL)
 
 
 def test_training_steps_match_transformers(tmp_path):
@@ -221,19 +206,7 @@ def test_training_steps_match_transformers(tmp_path):
     ref.train()
     inputs = _inputs(ref.config, "ids")
     labels = _labels(ref.config, "lm", inputs)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    losses_ref, losses = [], []
-    for _ in range(5):
-        for m, o, acc in ((ref, opt_ref, losses_ref), (model, opt, losses)):
-            o.zero_grad()
-            loss = m(**inputs, **labels).loss
-            loss.backward()
-            o.step()
-            acc.append(loss.item())
-    assert losses_ref[-1] < losses_ref[0] - 0.05, f"the reference did not train: {losses_ref}"
-    for i, (a, b) in enumerate(zip(losses, losses_ref)):
-        assert abs(a - b) <= GRAD_RTOL * abs(b), f"step {i}: loss {a} != transformers' {b} ({losses} vs {losses_ref})"
+    assert_trains_like(ref, model, inputs, labels, GRAD_RTOL, lr=0.3)
     # the tie survived training: one tensor for wte and lm_head
     assert model.lm_head.weight is model.transformer.wte.weight
 
@@ -462,19 +435,13 @@ def test_torch_compile_fullgraph_matches_eager(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ GPU
-def _gpu_backend_or_skip(backend):
-    info = fl.available_backends()[backend]
-    if not info["available"]:
-        pytest.skip(f"{backend} backend unavailable: {info['reason']}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_half_precision_within_3x_transformers_error(tmp_path, backend, dtype):
     """Our bf16/fp16 logits vs transformers' fp32 within 3x transformers' own error at the same
     dtype (non-padded positions of a left/right-padded batch), every op on the requested backend."""
-    _gpu_backend_or_skip(backend)
+    gpu_backend_or_skip(backend)
     # head_dim 64 (a CUDA kernel head dim); eager attention in the references: causal + left padding
     # leaves padding queries with no key, which SDPA may turn into NaN rows (ignored, but NaN K/V
     # would then reach the next layer through zero probabilities)
