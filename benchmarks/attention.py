@@ -155,9 +155,11 @@ def _decode_inputs(cfg: Config, B: int, C: int, Lmax: int, H: int, D: int):
     return make
 
 
-def _fl_decode_build(fn, backend: str):
+def _fl_decode_build(fn, backend: str, *extra: str):
+    """fl.attention_with_kvcache on the decode inputs, plus the inputs named in `extra` as keywords."""
     def build():
-        return lambda d: fn(d["q"], d["k_cache"], d["v_cache"], d["cache_seqlens"], causal=True, backend=backend)
+        return lambda d: fn(d["q"], d["k_cache"], d["v_cache"], d["cache_seqlens"], causal=True, backend=backend,
+                            **{name: d[name] for name in extra})
     return build
 
 
@@ -240,11 +242,8 @@ def paged_decode_jobs(cfg: Config, B, C, Lmax, H, D, work, too_big, flash, flash
         out.append(Job(impl="torch eager", build=gather_build, is_reference=True, skip=too_big,
                        note="gather the pages, then SDPA", **common))
         for name, backend, fn, skip in fl_jobs_spec("attention_with_kvcache", cfg):
-            def build(fn=fn, backend=backend):
-                return lambda d: fn(d["q"], d["k_cache"], d["v_cache"], d["cache_seqlens"], causal=True,
-                                    block_table=d["block_table"], backend=backend)
-            out.append(Job(impl=name, build=build, skip=too_big or skip, fl_op="attention_with_kvcache",
-                           fl_backend=backend, **common))
+            out.append(Job(impl=name, build=_fl_decode_build(fn, backend, "block_table"), skip=too_big or skip,
+                           fl_op="attention_with_kvcache", fl_backend=backend, **common))
         if cfg.gpu:
             why = flash_why if flash is None else (
                 None if P % 256 == 0 else f"unsupported: flash-attn's paged cache needs page_block_size % 256 == 0, "

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 import fastlayers as fl
 
-from .bert import _check_ids, attention_probs, sequence_classification_loss
+from .bert import _check_ids, _dropout, attention_probs, sequence_classification_loss
 from .config import ACTIVATION_OF, BartConfig
 from .generation import GenerationMixin, StaticKVCache
 from .layers import FusedLinear, padding_mask
@@ -42,10 +42,6 @@ from .outputs import (BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput, Seq2
                       maybe_tuple)
 
 POSITION_OFFSET = 2     # BART's learned positions: row p + 2 holds position p (fairseq's padding hack)
-
-
-def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    return F.dropout(x, p, True) if training and p > 0 else x
 
 
 def fp16_clamp(h: Tensor) -> Tensor:
@@ -384,7 +380,13 @@ class BartModel(BartPreTrainedModel):
                                  "inputs are input_ids shifted right, but input_ids is None")
             _check_ids("input_ids", input_ids, 2)
             decoder_input_ids = shift_tokens_right(input_ids, cfg.pad_token_id, cfg.decoder_start_token_id)
+        enc_mask = None
         if encoder_outputs is None:
+            src = input_ids if input_ids is not None else inputs_embeds
+            if src is not None and src.dim() >= 2:  # (else the encoder raises, naming the argument)
+                # the encoder's key_padding_mask once (an unpadded batch: None, no second host read)
+                attention_mask = enc_mask = padding_mask(attention_mask, *src.shape[:2], "attention_mask",
+                                                         src.device)
             encoder_outputs = self.encoder(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                            output_attentions=output_attentions,
                                            output_hidden_states=output_hidden_states)
@@ -392,7 +394,8 @@ class BartModel(BartPreTrainedModel):
             t = tuple(encoder_outputs)
             encoder_outputs = BaseModelOutput(t[0], t[1] if len(t) > 1 else None, t[2] if len(t) > 2 else None)
         enc = encoder_outputs.last_hidden_state                                         # (B, Ls, E)
-        enc_mask = padding_mask(attention_mask, *enc.shape[:2], "attention_mask", enc.device)  # the encoder's (B, Ls)
+        if enc_mask is None:  # given encoder_outputs (or no padding): the encoder's (B, Ls) mask checked here
+            enc_mask = padding_mask(attention_mask, *enc.shape[:2], "attention_mask", enc.device)
         x, hidden, attns, cross = self.decoder(decoder_input_ids, decoder_attention_mask, enc, enc_mask,
                                                inputs_embeds=decoder_inputs_embeds,
                                                output_attentions=output_attentions,
@@ -458,9 +461,6 @@ class BartForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     @property
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
-
-    def _vocab_size(self) -> int:
-        return self.config.vocab_size
 
     def _encode(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
         """Encoder inputs (B_enc, Ls) -> encoder last hidden state (B_enc, Ls, E)."""
@@ -574,7 +574,7 @@ class BartForSequenceClassification(BartPreTrainedModel):
                              f"decoder length must equal input_ids', got {tuple(input_ids.shape)} vs {(B, Lt)}")
         eos_mask = input_ids.to(h.device) == eos
         counts = eos_mask.sum(1)
-        lo, hi = (int(c) for c in torch.aminmax(counts))
+        lo, hi = torch.stack(torch.aminmax(counts)).tolist()      # one host read
         if lo != hi:
             raise ValueError(f"input_ids: all examples must have the same number of <eos> tokens "
                              f"(eos_token_id={eos}), got counts from {lo} to {hi}")

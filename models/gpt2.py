@@ -20,16 +20,12 @@ from torch import Tensor, nn
 
 import fastlayers as fl
 
-from .bert import _check_ids, attention_probs, sequence_classification_loss
+from .bert import _check_ids, _dropout, attention_probs, sequence_classification_loss
 from .config import ACTIVATION_OF, GPT2Config
 from .generation import GenerationMixin, StaticKVCache
 from .layers import Conv1DLinear, padding_mask
 from .loading import PreTrainedModel, init_normal_
 from .outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput, maybe_tuple
-
-
-def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    return F.dropout(x, p, True) if training and p > 0 else x
 
 
 class GPT2Attention(nn.Module):

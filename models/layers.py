@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import fastlayers as fl
+from fastlayers.ops._common import host_readable
 
 
 def padding_mask(attention_mask, B: int, L: int, name: str = "attention_mask", device=None):
@@ -31,8 +32,7 @@ def padding_mask(attention_mask, B: int, L: int, name: str = "attention_mask", d
                          f"{tuple(attention_mask.shape)}"
                          + (" (3-D/4-D masks are not supported)" if attention_mask.dim() != 2 else ""))
     mask = attention_mask.to(device).bool() if device is not None else attention_mask.bool()
-    capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not torch.compiler.is_compiling() and not capturing and bool(mask.all()):
+    if host_readable(mask) and bool(mask.all()):
         return None
     return mask
 

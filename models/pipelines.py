@@ -544,18 +544,18 @@ class TokenClassificationPipeline(Pipeline):
     def _run(self, items, args, batch_size, bar):
         texts = [_check_text(t, i) for i, t in enumerate(items)]
         results = [None] * len(texts)
+        ignore = set(args["ignore_labels"] or ())
         for chunk in self._batches(texts, batch_size, len, bar):
             enc = self._encode([texts[i] for i in chunk], return_offsets_mapping=True,
                                return_special_tokens_mask=True)
             scores = self._forward(enc, batch_size, ["logits"])["logits"].softmax(dim=-1)   # (b, L, num_labels)
             for row, i in enumerate(chunk):
-                tokens = self._tokens(texts[i], enc, row, scores[row], args["aggregation_strategy"])
+                tokens = self._tokens(texts[i], enc, row, scores[row])
                 entities = self._aggregate(tokens, args["aggregation_strategy"])
-                ignore = set(args["ignore_labels"] or ())
                 results[i] = [e for e in entities if e.get("entity", e.get("entity_group")) not in ignore]
         return results
 
-    def _tokens(self, text, enc, row, scores, strategy) -> list:
+    def _tokens(self, text, enc, row, scores) -> list:
         """One record per non-special token: word, scores (num_labels,), start, end, index, is_subword."""
         tok = self.tokenizer
         prefix = getattr(tok.backend_tokenizer.model, "continuing_subword_prefix", None)
@@ -1087,8 +1087,8 @@ def pipeline(task: str, model: Union[str, Path], device: Union[str, torch.device
 
     task: one of TASKS (aliases: "sentiment-analysis", "ner", "embeddings"). "text-generation" loads
       AutoModelForCausalLM (GPT-2), "summarization" / "text2text-generation" AutoModelForSeq2SeqLM (BART).
-    device: None -> "cuda" when a GPU is there, else "cpu". dtype: None -> float32; a torch dtype
-      or a name ("bf16", "float16", "auto" = the checkpoint's).
+    device: None -> "cuda" when a GPU is there, else "cpu". dtype: None -> the checkpoint's (as
+      "auto"); a torch dtype or a name ("bf16", "float16", "float32").
     tokenizer: a folder or Tokenizer (default: the model folder's tokenizer.json).
     batch_size: inputs per forward. kwargs: the task's arguments, as defaults for every call
       (feature-extraction: pooling, normalize, max_length, ...; generation tasks: generate()'s

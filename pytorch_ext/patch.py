@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from . import nn as fl_nn
 from .backends import BACKENDS
+from .ops._common import host_readable
 from .ops.linear import linear
 
 logger = logging.getLogger("fastlayers.patch")
@@ -104,13 +105,6 @@ def _note(key: str) -> None:
         logger.warning("fastlayers.patch: %s -- this runs transformers' sdpa attention instead of fl.attention", key)
 
 
-def _host_readable(t: Tensor) -> bool:
-    """Reading t on the host is allowed: not while tracing, not while a CUDA graph is captured."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
 # ----------------------------------------------------------------------------- attention: the mask
 def _key_padding(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, config, device):
     """(mask, None) with mask a (B, Lk') bool tensor or None, or (None, reason) when the pattern is not
@@ -146,7 +140,7 @@ def _key_padding(batch_size, q_length, kv_length, q_offset, kv_offset, mask_func
                 pad = within if pad is None else pad & within
         elif q_length > 1:
             if isinstance(shift, Tensor):
-                if not _host_readable(shift):
+                if not host_readable(shift):
                     return None, "a tensor query offset under torch.compile (static cache prefill)"
                 shift = int(shift)
             if 0 <= shift < kv_length - q_length:  # static cache prefill: the slots past the last query are empty
@@ -155,7 +149,7 @@ def _key_padding(batch_size, q_length, kv_length, q_offset, kv_offset, mask_func
                                                                         device=device)
             elif shift != kv_length - q_length:
                 return None, f"a causal mask not bottom-right aligned (offset {shift}, Lq {q_length}, Lk {kv_length})"
-    if pad is not None and keys == kv_length and _host_readable(pad) and bool(pad.all()):
+    if pad is not None and keys == kv_length and host_readable(pad) and bool(pad.all()):
         pad = None  # nothing padded: no mask at all
     return pad, None
 

@@ -182,3 +182,27 @@ def gpu_backend_or_skip(backend: str) -> None:
     info = fl.available_backends()[backend]
     if not info["available"]:
         pytest.skip(f"{backend} backend unavailable: {info['reason']}")
+
+
+def assert_loss_and_grads_match(ref, model, loss_ref, loss, rtol: float) -> None:
+    """The two models' losses within rtol, then both backwards and assert_grads_match."""
+    assert_rel(loss, loss_ref, rtol, "loss")
+    loss_ref.backward()
+    loss.backward()
+    assert_grads_match(ref, model, rtol)
+
+
+def assert_unsupported_field_raises(folder, fl_cls, config_cls, field: str, value) -> None:
+    """`field: value` written into folder/config.json: from_pretrained and the config class itself
+    raise ConfigError naming the field."""
+    import json
+    import pytest
+    from fastlayers.models import ConfigError
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg[field] = value
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=field):
+        fl_cls.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=field):
+        config_cls(**{field: value})

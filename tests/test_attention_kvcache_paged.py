@@ -280,6 +280,23 @@ def test_paged_device_path_reads_nothing_on_the_host():
     assert o.shape == q.shape
 
 
+def test_paged_autocast_bad_entry_contract_without_the_host_check(monkeypatch):
+    """Autocast with fp32 pages where no host check runs (CUDA tensors): the same contract as the plain
+    path -- a row attending a bad entry is NaN, and its new row on a good page is still written."""
+    monkeypatch.setattr(A, "_check_lengths", lambda *a, **k: None)
+    c = _make(True, 3, 2, 6, 2, 8, 1, True, lens=[5, 9, 3], pads=[0, 2, 0], share=False)
+    table = c["table"].clone()
+    table[0, 1] = c["kc"].shape[0]                    # row 0 attends slots 2, 3: bad; it writes slot 5 (page 2)
+    kc, vc = c["kc"].clone(), c["vc"].clone()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        o = fl.attention_with_kvcache(c["q"], kc, vc, c["lens"], c["kn"], c["vn"], cache_leftpad=c["pads"],
+                                      block_table=table, softmax_scale=SCALE, backend="torch")
+    assert torch.isnan(o[0]).all()
+    assert_close_rule(o[1:], c["expect"][1:], None, factor=0, floor=FLOOR[torch.bfloat16])
+    torch.testing.assert_close(kc, c["kc_e"], rtol=0, atol=0, equal_nan=True)   # row 0's write landed
+    torch.testing.assert_close(vc, c["vc_e"], rtol=0, atol=0, equal_nan=True)
+
+
 # ------------------------------------------------------------------------------- the beam search cache
 def test_static_cache_reorder_moves_the_table_not_the_caches():
     """Paged StaticKVCache.reorder: each row reads its parent's history (what copying the caches'

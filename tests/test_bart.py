@@ -24,8 +24,6 @@ GPU tests (marker gpu): bf16/fp16 within 3x transformers' own same-dtype error v
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import transformers as hf
@@ -33,8 +31,8 @@ import transformers as hf
 import fastlayers as fl
 from fastlayers import models as flm
 from fastlayers.models.bart import fp16_clamp, shift_tokens_right
-from model_helpers import (assert_grads_match, assert_rel, assert_trains_like, gpu_backend_or_skip,
-                           grads_by_checkpoint_name, perturb_)
+from model_helpers import (assert_loss_and_grads_match, assert_rel, assert_trains_like, assert_unsupported_field_raises,
+                           gpu_backend_or_skip, grads_by_checkpoint_name, perturb_)
 
 FWD_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -255,14 +253,8 @@ def test_default_config_is_transformers(tmp_path):
                                          ("decoder_attention_heads", 5), ("dropout", 1.5),
                                          ("encoder_layerdrop", -0.1)])
 def test_unsupported_config_fields_raise_naming_the_field(tmp_path, field, value):
-    ref, fl_cls, d = _checkpoint(tmp_path, "lm")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg[field] = value
-    (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(flm.ConfigError, match=field):
-        fl_cls.from_pretrained(d)
-    with pytest.raises(flm.ConfigError, match=field):
-        flm.BartConfig(**{field: value})
+    _, fl_cls, d = _checkpoint(tmp_path, "lm")
+    assert_unsupported_field_raises(d, fl_cls, flm.BartConfig, field, value)
 
 
 def test_bad_inputs_raise_naming_the_argument(tmp_path):
@@ -436,10 +428,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, config_name, head):
     else:
         loss_ref, loss = want.loss, got.loss
         assert loss is not None and loss.dim() == 0 and loss.dtype == torch.float32
-    assert_rel(loss, loss_ref, GRAD_RTOL, "loss")
-    loss_ref.backward()
-    loss.backward()
-    assert_grads_match(ref, model, GRAD_RTOL)
+    assert_loss_and_grads_match(ref, model, loss_ref, loss, GRAD_RTOL)
 
 
 def test_training_steps_match_transformers(tmp_path):

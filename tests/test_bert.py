@@ -23,7 +23,7 @@ import transformers as hf
 
 import fastlayers as fl
 from fastlayers import models as flm
-from model_helpers import (CONFIGS, NO_DROPOUT, assert_grads_match, assert_layers_match, assert_rel,
+from model_helpers import (CONFIGS, NO_DROPOUT, assert_loss_and_grads_match, assert_layers_match, assert_rel,
                            assert_trains_like, gpu_backend_or_skip, grads_by_checkpoint_name, hf_config, hf_model,
                            make_inputs, token_mask)
 
@@ -173,10 +173,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, config_name, head):
     else:
         loss_ref, loss = want.loss, got.loss
         assert loss is not None and loss.dim() == 0 and loss.dtype == torch.float32
-    assert_rel(loss, loss_ref, GRAD_RTOL, "loss")
-    loss_ref.backward()
-    loss.backward()
-    assert_grads_match(ref, model, GRAD_RTOL)
+    assert_loss_and_grads_match(ref, model, loss_ref, loss, GRAD_RTOL)
 
 
 @pytest.mark.parametrize("num_labels, kind", [(3, "float"), (3, "int"), (1, "float")])

@@ -66,6 +66,14 @@ def as_rows(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t2
 
 
+def host_readable(t: torch.Tensor) -> bool:
+    """Reading t on the host is allowed: not while torch.compile traces, not while a CUDA graph is
+    captured (where a device read would sync or break the capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def needs_grad(*tensors) -> bool:
     if not torch.is_grad_enabled():
         return False

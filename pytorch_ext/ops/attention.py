@@ -871,9 +871,9 @@ def _kvcache_mixed(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, sof
         if not torch.compiler.is_compiling():
             _check_lengths(q, k_cache, cache_seqlens, Lq, cache_leftpad, block_table)
         if block_table is not None:
+            # rows of good lengths write (each new row where its page entry is in range); the step below
+            # turns a row attending a bad entry NaN
             ok = _kv_write_ok(cache_seqlens, Lq, _paged_lmax(k_cache, block_table), cache_leftpad)
-            ok = ok & _paged_entries_ok(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, Lq,
-                                        cache_leftpad)
             for kk, vv in ((k_cache, v_cache), (kc, vc)):
                 _paged_write(kk, vv, block_table, cache_seqlens, k_new, v_new, ok)
         else:
